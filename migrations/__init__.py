@@ -1,0 +1,1 @@
+"""Alembic scripts for the index catalog (meta.sqlite); applied by simsearch when an index is opened."""

@@ -1,0 +1,222 @@
+"""`simsearch` command line: a thin layer over `Engine` (typer + rich).
+
+Results go to stdout (one JSON object per line with --json); progress and messages go to stderr.
+The exit code is 0 unless something failed (an anomaly is a result, not an error).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .backbones import BackboneError
+from .engine import Engine, SimsearchError
+from .images import ImageError, load_image
+from .report import query_record, write_heatmap
+from .store.catalog import SchemaError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects by similarity to good images.")
+index_app = typer.Typer(no_args_is_help=True, help="Build and inspect the index of good images.")
+app.add_typer(index_app, name="index")
+
+err = Console(stderr=True)
+out = Console(highlight=False)
+
+IndexDir = Annotated[Path, typer.Option("--index", envvar="SIMSEARCH_INDEX", help="Index directory.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+USER_ERRORS = (SimsearchError, ImageError, BackboneError, SchemaError, ValueError)
+
+
+def fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def user_errors():
+    try:
+        yield
+    except USER_ERRORS as exc:
+        fail(str(exc))
+
+
+@contextmanager
+def progress_bar(description: str):
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int, _message: str) -> None:
+            bar.update(task, completed=done, total=total)
+        yield update
+
+
+def emit_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+@index_app.command("add")
+def index_add(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
+    index: IndexDir = Path("index"),
+    holdout: Annotated[float, typer.Option(help="Fraction kept out of the bank for calibration.")] = 0.0,
+    coreset: Annotated[Optional[float], typer.Option(help="Keep this fraction of new patch vectors.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="timm model name (new index only).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Local weights file: .safetensors or .pth.")] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Resize factor applied before tiling.")] = None,
+    tile_size: Annotated[Optional[int], typer.Option(help="Tile side in pixels (multiple of 32).")] = None,
+    tile_stride: Annotated[Optional[int], typer.Option(help="Tile step in pixels.")] = None,
+    dims: Annotated[Optional[int], typer.Option(help="Reduce patch vectors to this many dimensions.")] = None,
+    index_kind: Annotated[Optional[str], typer.Option(help="auto, flat or ivf-flat.")] = None,
+    as_json: JsonFlag = False,
+):
+    """Add good images to the bank (creates the index on first use)."""
+    options = {k: v for k, v in dict(backbone=backbone, weights=weights, scale=scale, tile_size=tile_size,
+                                     tile_stride=tile_stride, dims=dims, index_kind=index_kind).items()
+               if v is not None}
+    with user_errors():
+        with Engine.open_or_create(index, **options) as engine, progress_bar("embedding") as update:
+            report = engine.add(paths, holdout=holdout, coreset=coreset, progress=update)
+    if as_json:
+        emit_json({"added": report.added, "held_out": report.held_out,
+                   "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
+                   "vectors_added": report.vectors_added, "generation": report.generation})
+        return
+    out.print(f"added {len(report.added)} images ({report.vectors_added} patch vectors), "
+              f"held out {len(report.held_out)} for calibration, skipped {len(report.skipped)}; "
+              f"bank generation {report.generation}")
+    for path, reason in report.skipped:
+        out.print(f"  skipped {path}: {reason}")
+
+
+@index_app.command("info")
+def index_info(index: IndexDir = Path("index"), as_json: JsonFlag = False):
+    """Show the index's configuration, contents and calibration."""
+    with user_errors():
+        with Engine.open(index) as engine:
+            info = engine.info()
+    if as_json:
+        emit_json(info)
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in info.items():
+        if key == "config":
+            value = ", ".join(f"{k}={v}" for k, v in value.items() if k != "extra")
+        elif key == "calibration" and value:
+            value = (f"#{value['id']}: image threshold {value['image_threshold']:.4g}, pixel threshold "
+                     f"{value['pixel_threshold']:.4g}, {value['n_good']} good images; {value['method']}")
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@index_app.command("remove")
+def index_remove(refs: Annotated[list[str], typer.Argument(help="Image paths or sha256 (prefix of >= 8).")],
+                 index: IndexDir = Path("index"), as_json: JsonFlag = False):
+    """Remove images (their vectors and rows go together)."""
+    with user_errors():
+        with Engine.open(index) as engine:
+            result = engine.remove(refs)
+    if as_json:
+        emit_json(result)
+    else:
+        out.print(f"removed {len(result['removed'])} images ({result['vectors_removed']} vectors); "
+                  f"bank generation {result['generation']}")
+
+
+@app.command()
+def calibrate(
+    good: Annotated[Optional[list[str]], typer.Argument(help="Good images NOT in the bank (default: held-out).")] = None,
+    index: IndexDir = Path("index"),
+    target_fpr: Annotated[float, typer.Option(help="Target false-positive rate on good parts.")] = 0.01,
+    defects: Annotated[Optional[list[str]], typer.Option(help="Labelled defective images (F1 threshold).")] = None,
+    min_region_area: Annotated[Optional[int], typer.Option(help="Smallest region in pixels.")] = None,
+    as_json: JsonFlag = False,
+):
+    """Choose thresholds from good images outside the bank."""
+    with user_errors():
+        with Engine.open(index) as engine, progress_bar("scoring") as update:
+            cal = engine.calibrate(good or None, target_fpr=target_fpr, defects=defects or None,
+                                   min_region_area=min_region_area, progress=update)
+    if as_json:
+        emit_json(vars(cal))
+        return
+    out.print(f"calibration #{cal.id} on {cal.n_good} good images (bank generation {cal.generation})")
+    out.print(f"  image threshold {cal.image_threshold:.4f}  pixel threshold {cal.pixel_threshold:.4f}  "
+              f"min region {cal.min_region_area} px")
+    out.print(f"  {cal.method}")
+    if cal.f1_threshold is not None:
+        out.print(f"  F1-best threshold on {cal.n_defect} defective + {cal.n_good} good images: "
+                  f"{cal.f1_threshold:.4f} (F1 {cal.f1:.3f}); verdicts use the target-rate threshold")
+
+
+@app.command()
+def query(
+    images: Annotated[list[str], typer.Argument(help="Images to inspect.")],
+    index: IndexDir = Path("index"),
+    heatmap_dir: Annotated[Optional[Path], typer.Option(help="Write a heatmap overlay PNG per image here.")] = None,
+    as_json: JsonFlag = False,
+):
+    """Score images against the bank: verdict, score, regions and their nearest good patches."""
+    failures = 0
+    taken: set[str] = set()
+    with user_errors():
+        engine = Engine.open(index)
+    with engine:
+        cal, warning = engine.current_calibration()
+        if warning:
+            err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+        if not as_json:
+            out.print("verdict     score  similarity  regions  image")
+        for path in images:
+            try:
+                img = load_image(path)
+                result = engine.query(img)
+                if heatmap_dir is not None:
+                    result.heatmap = write_heatmap(result, img.rgb, heatmap_dir,
+                                                   cal["pixel_threshold"] if cal else None, taken)
+            except USER_ERRORS as exc:
+                failures += 1
+                err.print(f"[red]error:[/red] {exc}", highlight=False)
+                continue
+            if as_json:
+                emit_json(query_record(result))
+            else:
+                verdict = {None: "-", True: "ANOMALOUS", False: "ok"}[result.is_anomalous]
+                sim = "-" if result.similarity is None else f"{result.similarity:.3f}"
+                out.print(f"{verdict:<9} {result.score:8.4f}  {sim:>10}  {len(result.regions):>7}  {result.image}")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def search(
+    image: Annotated[str, typer.Argument(help="Image to look up.")],
+    index: IndexDir = Path("index"),
+    top_k: Annotated[int, typer.Option(help="How many reference images.")] = 5,
+    as_json: JsonFlag = False,
+):
+    """The reference images most similar to IMAGE overall."""
+    with user_errors():
+        with Engine.open(index) as engine:
+            hits = engine.search(image, top_k)
+    if as_json:
+        emit_json({"image": image, "results": hits})
+        return
+    for hit in hits:
+        out.print(f"{hit['similarity']:.4f}  {hit['distance']:.4f}  {hit['image']}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

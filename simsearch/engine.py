@@ -1,0 +1,614 @@
+"""The one API over every stage: the CLI, the tests and Python users all go through `Engine`.
+
+    from simsearch import Engine
+    engine = Engine.create("index")              # or Engine.open("index")
+    engine.add(["good/"], holdout=0.25)
+    engine.calibrate(target_fpr=0.01)
+    result = engine.query("part.png")           # or an (H, W, 3) RGB uint8 array
+    result.is_anomalous, result.score, result.anomaly_map, result.regions
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from . import __version__
+from .backbones import EMBEDDED, Backbone, build_backbone, file_sha256, layers_for_strides
+from .calibration import f1_best_threshold, threshold_for_fpr
+from .config import DEFAULT_BACKBONE, IndexConfig
+from .coreset import greedy_coreset
+from .features import Embedder, PatchGrid
+from .images import Image, ImageError, decode, expand_paths, load_image
+from .scoring import find_regions, image_score, patch_scores, region_level, similarity_from_score, smooth
+from .store.catalog import Catalog
+from .store.vectors import VectorIndex, choose_kind
+from .tiling import grid_to_image
+
+Progress = Callable[[int, int, str], None]
+LOCK_TIMEOUT_S = float(os.environ.get("SIMSEARCH_LOCK_TIMEOUT", "60"))
+
+
+class SimsearchError(RuntimeError):
+    """An error a user can act on; the message says what to do."""
+
+
+class EmbedderMismatch(SimsearchError):
+    pass
+
+
+@dataclass
+class NearestReference:
+    image: str  # reference image path as stored (absolute)
+    x: int  # top-left of the reference patch, in that image's pixels
+    y: int
+    distance: float  # L2 distance between the two patch vectors
+
+
+@dataclass
+class RegionResult:
+    x: int  # bounding box in the query image's pixels, (x, y) top-left
+    y: int
+    w: int
+    h: int
+    area: int  # pixels above the pixel threshold in this region
+    score: float  # the anomaly map's maximum in the region
+    nearest: NearestReference | None
+
+
+@dataclass
+class QueryResult:
+    image: str  # the path exactly as given, or "<array>"
+    score: float  # largest patch distance to the bank (L2)
+    threshold: float | None  # image threshold of a fresh calibration, else None
+    is_anomalous: bool | None  # None without a fresh calibration
+    similarity: float | None  # 0.5 ** (score / threshold): 1 identical, 0.5 at the threshold
+    regions: list[RegionResult]
+    peak: RegionResult  # the single most anomalous patch, with its nearest reference
+    anomaly_map: np.ndarray = field(repr=False)  # (H, W) float32 at the image's own resolution
+    generation: int = 0
+    calibration_id: int | None = None
+    fingerprint: str = ""
+    warning: str | None = None
+    heatmap: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("anomaly_map")
+        return d
+
+
+@dataclass
+class AddReport:
+    added: list[str] = field(default_factory=list)  # paths now in the bank
+    held_out: list[str] = field(default_factory=list)  # paths kept for calibration
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    vectors_added: int = 0
+    generation: int = 0
+
+
+@dataclass
+class Calibration:
+    id: int
+    image_threshold: float
+    pixel_threshold: float
+    min_region_area: int
+    target_fpr: float
+    expected_fpr: float
+    n_good: int
+    n_defect: int
+    method: str
+    f1_threshold: float | None = None
+    f1: float | None = None
+    generation: int = 0
+
+
+class Engine:
+    DB = "meta.sqlite"
+    PATCHES = "patches.faiss"
+    POOLED = "images.faiss"
+
+    def __init__(self, directory: Path, catalog: Catalog, config: IndexConfig):
+        self.directory = directory
+        self.catalog = catalog
+        self.config = config
+        self._embedder: Embedder | None = None
+        self._bank: VectorIndex | None = None
+        self._pooled: VectorIndex | None = None
+        self._bank_generation: int | None = None
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def exists(cls, directory: str | os.PathLike) -> bool:
+        return (Path(directory) / cls.DB).is_file()
+
+    @classmethod
+    def create(cls, directory: str | os.PathLike, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
+               **settings) -> "Engine":
+        """A new, empty index. `weights`: None (embedded if shipped, else the hub), "hub", or a file.
+
+        `settings`: any IndexConfig field (scale, tile_size, tile_stride, dims, neighbourhood, index_kind, ...).
+        """
+        directory = Path(directory)
+        if cls.exists(directory):
+            raise SimsearchError(f"{directory} already holds an index; open it, or choose another --index")
+        weights_file = None
+        if weights is None:
+            source = "embedded" if backbone in EMBEDDED else "hub"
+        elif weights in ("embedded", "hub"):
+            source = weights
+        else:
+            weights_file = Path(weights)
+            if not weights_file.is_file():
+                raise SimsearchError(f"{weights}: no such weights file")
+            source = "file"
+        layers = tuple(settings.pop("layers", None) or layers_for_strides(backbone, (8, 16)))
+        net = build_backbone(backbone, source, layers, weights_file)
+        directory.mkdir(parents=True, exist_ok=True)
+        if weights_file is not None:
+            # Copy the weights in, named by their hash, so the index directory is self-contained.
+            (directory / "weights").mkdir(exist_ok=True)
+            stored = Path("weights") / f"{file_sha256(weights_file)[:16]}{weights_file.suffix}"
+            if not (directory / stored).exists():
+                tmp = directory / (str(stored) + ".tmp")
+                shutil.copyfile(weights_file, tmp)
+                os.replace(tmp, directory / stored)
+            source = str(stored)
+        config = IndexConfig(backbone=backbone, weights=source, weights_sha256=net.weights_sha256,
+                             mean=net.mean, std=net.std, interpolation=net.interpolation, layers=layers,
+                             patch_stride=net.reductions[0], **settings)
+        config = config.replace(feature_dim=config.dims or sum(net.channels))
+        catalog = Catalog(directory / cls.DB)
+        catalog.write_config(config, __version__)
+        engine = cls(directory, catalog, config)
+        engine._embedder = Embedder(config, net)
+        return engine
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> "Engine":
+        directory = Path(directory)
+        if not cls.exists(directory):
+            raise SimsearchError(f"no index in {directory} (run `simsearch index add` to create one)")
+        catalog = Catalog(directory / cls.DB)
+        stored = catalog.read_config()
+        if stored is None:
+            catalog.close()
+            raise SimsearchError(f"{directory / cls.DB} holds no index configuration")
+        config, row = stored
+        if row["fingerprint"] != config.fingerprint:
+            catalog.close()
+            raise SimsearchError(f"{directory}: stored fingerprint {row['fingerprint']} does not match its "
+                                 f"configuration ({config.fingerprint}); the index was edited by hand or damaged")
+        return cls(directory, catalog, config)
+
+    @classmethod
+    def open_or_create(cls, directory: str | os.PathLike, **options) -> "Engine":
+        """Open an existing index, refusing options that contradict its configuration; else create one."""
+        if not cls.exists(directory):
+            return cls.create(directory, **options)
+        engine = cls.open(directory)
+        engine.check_options(**options)
+        return engine
+
+    def check_options(self, backbone: str | None = None, weights: str | None = None, **settings) -> None:
+        """Refuse an embedder other than the index's own."""
+        differences = []
+        if backbone is not None and backbone != self.config.backbone:
+            differences.append(f"backbone {backbone} (index: {self.config.backbone})")
+        if weights is not None:
+            if weights in ("embedded", "hub"):
+                if weights != self.config.weights:
+                    differences.append(f"weights {weights} (index: {self.config.weights})")
+            else:
+                net = build_backbone(self.config.backbone, "file", self.config.layers, Path(weights))
+                if net.weights_sha256 != self.config.weights_sha256:
+                    differences.append(f"weights {weights} (a different file from the index's)")
+        for key, value in settings.items():
+            if value is not None and getattr(self.config, key) != value:
+                differences.append(f"{key} {value} (index: {getattr(self.config, key)})")
+        if differences:
+            raise EmbedderMismatch(f"{self.directory} was built with another embedder: " + "; ".join(differences)
+                                   + ". Its configuration is fixed; use a new --index for a different one")
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- lazily loaded parts --------------------------------------------------------------------
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            cfg = self.config
+            weights_file = self.directory / cfg.weights if cfg.weights not in ("embedded", "hub") else None
+            if weights_file is not None and not weights_file.is_file():
+                raise SimsearchError(f"{weights_file}: the index's weights file is missing")
+            net: Backbone = build_backbone(cfg.backbone, "file" if weights_file else cfg.weights, cfg.layers,
+                                           weights_file)
+            if net.weights_sha256 != cfg.weights_sha256:
+                raise EmbedderMismatch(f"the {cfg.backbone} weights found here differ from the ones this index was "
+                                       f"built with (hash {net.weights_sha256[:12]} vs {cfg.weights_sha256[:12]})")
+            self._embedder = Embedder(cfg, net)
+        return self._embedder
+
+    def _load_banks(self) -> None:
+        generation = self.catalog.state()["generation"]
+        if self._bank is not None and self._bank_generation == generation:
+            return
+        patches, pooled = self.directory / self.PATCHES, self.directory / self.POOLED
+        if patches.exists():
+            self._bank, self._pooled = VectorIndex.load(patches), VectorIndex.load(pooled)
+        else:
+            self._bank = VectorIndex.flat(self.config.feature_dim)
+            self._pooled = VectorIndex.flat(self.config.feature_dim)
+        self._bank_generation = generation
+
+    @property
+    def bank(self) -> VectorIndex:
+        self._load_banks()
+        return self._bank
+
+    @contextlib.contextmanager
+    def _writer_lock(self):
+        """One writer at a time: an flock the kernel releases if the writer dies."""
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise SimsearchError(f"{self.directory} is being written by another process; gave up after "
+                                             f"{LOCK_TIMEOUT_S:.0f} s (SIMSEARCH_LOCK_TIMEOUT)") from None
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- embedding helpers ----------------------------------------------------------------------
+    def _cell_rows(self, grid: PatchGrid) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
+        """Tile boxes in original pixels and (N, 5) [tile number, row, col, x, y] for each cell."""
+        h0, w0 = grid.original_size
+        sy, sx = grid.layout.height / h0, grid.layout.width / w0
+        boxes = []
+        for (x, y, w, h) in grid.layout.tile_boxes():
+            x0, y0 = int(x / sx), int(y / sy)
+            x1, y1 = min(int(np.ceil((x + w) / sx)), w0), min(int(np.ceil((y + h) / sy)), h0)
+            boxes.append((x0, y0, max(x1 - x0, 0), max(y1 - y0, 0)))
+        hc, wc = grid.grid_shape
+        rows, cols = np.meshgrid(np.arange(hc), np.arange(wc), indexing="ij")
+        cell_boxes = grid.cell_boxes()
+        table = np.stack([grid.tile_index.ravel(), rows.ravel(), cols.ravel(),
+                          cell_boxes[..., 0].ravel(), cell_boxes[..., 1].ravel()], axis=1).astype(np.int64)
+        return boxes, table
+
+    @staticmethod
+    def _pooled_vector(grid: PatchGrid) -> np.ndarray:
+        v = grid.features.reshape(-1, grid.features.shape[-1]).mean(axis=0)
+        return (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
+
+    # -- writing ------------------------------------------------------------------------------
+    def add(self, inputs: Iterable[str | os.PathLike], *, holdout: float = 0.0, coreset: float | None = None,
+            progress: Progress | None = None) -> AddReport:
+        """Add good images (files, folders, globs) to the bank.
+
+        `holdout`: a deterministic fraction of the new images (the smallest sha256 values) is kept out of the
+        bank and recorded for calibration. `coreset`: keep this fraction of the new patch vectors (greedy
+        k-center against the existing bank). Explicitly named files that cannot be read abort the whole add
+        (nothing is written); unreadable files found inside folders are skipped and reported.
+        """
+        if not 0 <= holdout < 1:
+            raise SimsearchError(f"holdout must be in [0, 1), got {holdout}")
+        if coreset is not None and not 0 < coreset <= 1:
+            raise SimsearchError(f"coreset ratio must be in (0, 1], got {coreset}")
+        inputs = [os.fspath(p) for p in inputs]
+        files, skipped = expand_paths(inputs)
+        explicit = {os.path.abspath(p) for p in inputs if os.path.isfile(p)}
+        report = AddReport(skipped=list(skipped))
+        with self._writer_lock():
+            # 1. read and hash; skip duplicates (in this batch or already stored)
+            blobs: dict[str, tuple[str, bytes]] = {}
+            for path in files:
+                try:
+                    with open(path, "rb") as fh:
+                        data = fh.read()
+                except OSError as exc:
+                    if os.path.abspath(path) in explicit:
+                        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+                    report.skipped.append((path, f"cannot read ({exc.strerror or exc})"))
+                    continue
+                sha = hashlib.sha256(data).hexdigest()
+                if sha in blobs:
+                    report.skipped.append((path, f"same image as {blobs[sha][0]}"))
+                    continue
+                blobs[sha] = (path, data)
+            stored = self.catalog.known_hashes(list(blobs))
+            for sha, row in stored.items():
+                report.skipped.append((blobs.pop(sha)[0], f"already in the index ({row['role']}: {row['path']})"))
+            # 2. hold out a deterministic slice for calibration
+            order = sorted(blobs)
+            n_hold = int(round(holdout * len(order)))
+            if holdout > 0 and len(order) >= 2:
+                n_hold = min(max(n_hold, 1), len(order) - 1)
+            held = set(order[:n_hold])
+            # 3. decode everything, embed the references (nothing is written until all have worked)
+            new_refs: list[tuple[dict, PatchGrid]] = []
+            new_held: list[dict] = []
+            total = len(order)
+            for i, sha in enumerate(sorted(blobs, key=lambda s: blobs[s][0])):
+                path, data = blobs[sha]
+                if progress:
+                    progress(i, total, path)
+                try:
+                    rgb = decode(data, path)
+                except ImageError as exc:
+                    if os.path.abspath(path) in explicit:
+                        raise
+                    report.skipped.append((path, str(exc).split(": ", 1)[-1]))
+                    continue
+                row = dict(path=os.path.abspath(path), sha256=sha, width=int(rgb.shape[1]), height=int(rgb.shape[0]),
+                           added_at=time.time())
+                if sha in held:
+                    new_held.append(row)
+                    report.held_out.append(path)
+                else:
+                    new_refs.append((row, self.embedder.embed(Image(rgb=rgb, sha256=sha, source=path))))
+                    report.added.append(path)
+            if progress:
+                progress(total, total, "writing")
+            report.vectors_added, report.generation = self._write_additions(new_refs, new_held, coreset)
+        return report
+
+    def _write_additions(self, new_refs: list[tuple[dict, PatchGrid]], new_held: list[dict],
+                         coreset: float | None) -> tuple[int, int]:
+        state = self.catalog.state()
+        if not new_refs and not new_held:
+            return 0, state["generation"]
+        self._load_banks()
+        per_image = []
+        for row, grid in new_refs:
+            boxes, table = self._cell_rows(grid)
+            per_image.append((row, grid, boxes, table, grid.features.reshape(-1, grid.features.shape[-1])))
+        keep_masks = [np.ones(len(p[3]), dtype=bool) for p in per_image]
+        if coreset is not None and coreset < 1 and per_image:
+            all_new = np.concatenate([p[4] for p in per_image])
+            existing = self._bank.all_vectors()[1] if self._bank.ntotal else None
+            chosen = greedy_coreset(all_new, int(round(coreset * len(all_new))), existing=existing)
+            flat_mask = np.zeros(len(all_new), dtype=bool)
+            flat_mask[chosen] = True
+            keep_masks = np.split(flat_mask, np.cumsum([len(p[3]) for p in per_image])[:-1])
+        next_id = int(state["next_vector_id"])
+        new_vectors, new_ids = [], []
+        with self.catalog.engine.begin() as conn:
+            self.catalog.insert_calibration_images(conn, new_held)
+            pooled_ids, pooled_vecs = [], []
+            for (row, grid, boxes, table, vecs), keep in zip(per_image, keep_masks):
+                ids = np.arange(next_id, next_id + int(keep.sum()), dtype=np.int64)
+                next_id += len(ids)
+                image_id = self.catalog.insert_reference(conn, row, boxes, np.column_stack([ids, table[keep]]))
+                new_vectors.append(vecs[keep])
+                new_ids.append(ids)
+                pooled_ids.append(image_id)
+                pooled_vecs.append(self._pooled_vector(grid))
+            n_added = int(sum(len(i) for i in new_ids))
+            if per_image:
+                vectors = np.concatenate(new_vectors)
+                ids = np.concatenate(new_ids)
+                kind = choose_kind(self.config.index_kind, self._bank.ntotal + len(ids))
+                if kind != self._bank.kind:
+                    self._bank = self._bank.rebuilt_as(kind, extra=(vectors, ids))
+                else:
+                    self._bank.add(vectors, ids)
+                self._pooled.add(np.stack(pooled_vecs), np.asarray(pooled_ids, dtype=np.int64))
+                generation = self.catalog.bump_generation(conn, next_vector_id=next_id)
+                # FAISS files are replaced atomically just before the database commits.
+                self._bank.save(self.directory / self.PATCHES)
+                self._pooled.save(self.directory / self.POOLED)
+            else:
+                generation = state["generation"]
+        self._bank_generation = generation
+        return n_added, generation
+
+    def remove(self, refs: Iterable[str]) -> dict:
+        """Remove images by path or sha256 (prefix of >= 8 hex digits): their vectors and rows go together."""
+        refs = list(refs)
+        with self._writer_lock():
+            found, missing = self.catalog.find_images(refs)
+            if missing:
+                raise SimsearchError("not in the index: " + ", ".join(missing))
+            self._load_banks()
+            ref_ids = [r["id"] for r in found if r["role"] == "reference"]
+            with self.catalog.engine.begin() as conn:
+                vector_ids = self.catalog.vector_ids_of(conn, ref_ids) if ref_ids else np.zeros(0, np.int64)
+                self.catalog.delete_images(conn, [r["id"] for r in found])
+                generation = self.catalog.state(conn)["generation"]
+                if ref_ids:
+                    removed = self._bank.remove(vector_ids)
+                    if removed != len(vector_ids):
+                        raise SimsearchError(f"the FAISS bank held {removed} of the {len(vector_ids)} vectors of these "
+                                             "images; the index needs `simsearch index repair`")
+                    self._pooled.remove(np.asarray(ref_ids, dtype=np.int64))
+                    generation = self.catalog.bump_generation(conn)
+                    self._bank.save(self.directory / self.PATCHES)
+                    self._pooled.save(self.directory / self.POOLED)
+            self._bank_generation = generation
+        return {"removed": [r["path"] for r in found], "vectors_removed": int(len(vector_ids)),
+                "generation": generation}
+
+    # -- scoring ------------------------------------------------------------------------------
+    def _score(self, image: Image) -> dict:
+        grid = self.embedder.embed(image)
+        bank = self.bank
+        if bank.ntotal == 0:
+            raise SimsearchError("the index has no reference images yet (run `simsearch index add`)")
+        hc, wc = grid.grid_shape
+        distances, ids = bank.search(grid.features.reshape(hc * wc, -1), self.config.k_neighbours)
+        scores = patch_scores(distances).reshape(hc, wc)
+        amap = grid_to_image(scores, grid.layout, image.height, image.width)
+        amap = smooth(amap, self.config.blur_sigma / self.config.scale)
+        return {"grid": grid, "scores": scores, "nn_ids": ids[:, 0].reshape(hc, wc),
+                "nn_dist": distances[:, 0].reshape(hc, wc), "map": amap, "score": image_score(scores)}
+
+    def default_min_region_area(self) -> int:
+        """Two by two patch cells, in original-image pixels."""
+        side = 2 * self.config.patch_stride / self.config.scale
+        return int(round(side * side))
+
+    def current_calibration(self) -> tuple[dict | None, str | None]:
+        """(latest calibration if fresh, warning if there is none or it is stale)."""
+        cal = self.catalog.latest_calibration()
+        if cal is None:
+            return None, "not calibrated: run `simsearch calibrate` to get verdicts"
+        generation = self.catalog.state()["generation"]
+        if cal["generation"] != generation:
+            return None, (f"calibration {cal['id']} was made on bank generation {cal['generation']}, the bank is now "
+                          f"at {generation}: run `simsearch calibrate` again to get verdicts")
+        return cal, None
+
+    def _nearest(self, scored: dict, x: int, y: int) -> NearestReference | None:
+        grid: PatchGrid = scored["grid"]
+        h0, w0 = grid.original_size
+        row = min(int(y * grid.layout.height / h0) // grid.layout.cell, grid.grid_shape[0] - 1)
+        col = min(int(x * grid.layout.width / w0) // grid.layout.cell, grid.grid_shape[1] - 1)
+        vid = int(scored["nn_ids"][row, col])
+        ref = self.catalog.describe_vectors([vid]).get(vid)
+        if ref is None:
+            return None
+        return NearestReference(image=ref["path"], x=int(ref["x"]), y=int(ref["y"]),
+                                distance=float(scored["nn_dist"][row, col]))
+
+    def query(self, image: str | os.PathLike | np.ndarray) -> QueryResult:
+        """Score one image (path, or (H, W, 3) RGB / (H, W) grey uint8 array) against the bank."""
+        img = load_image(image)
+        state = self.catalog.state()
+        scored = self._score(img)
+        cal, warning = self.current_calibration()
+        amap = scored["map"]
+        regions = []
+        if cal is not None:
+            for r in find_regions(amap, cal["pixel_threshold"], cal["min_region_area"]):
+                regions.append(RegionResult(r.x, r.y, r.w, r.h, r.area, r.score, self._nearest(scored, *r.peak)))
+        scores, grid = scored["scores"], scored["grid"]
+        prow, pcol = np.unravel_index(int(np.argmax(scores)), scores.shape)
+        px, py, pw, ph = (int(v) for v in grid.cell_boxes()[prow, pcol])
+        peak = RegionResult(px, py, pw, ph, pw * ph, float(scores[prow, pcol]),
+                            self._nearest(scored, px + pw // 2, py + ph // 2))
+        threshold = cal["image_threshold"] if cal else None
+        return QueryResult(
+            image=img.source, score=scored["score"], threshold=threshold,
+            is_anomalous=None if cal is None else bool(scored["score"] > threshold),
+            similarity=similarity_from_score(scored["score"], threshold), regions=regions, peak=peak,
+            anomaly_map=amap, generation=state["generation"], calibration_id=cal["id"] if cal else None,
+            fingerprint=self.config.fingerprint, warning=warning)
+
+    def search(self, image: str | os.PathLike | np.ndarray, k: int = 5) -> list[dict]:
+        """The k reference images most similar overall (cosine of mean-pooled patch vectors)."""
+        img = load_image(image)
+        self._load_banks()
+        if self._pooled.ntotal == 0:
+            raise SimsearchError("the index has no reference images yet (run `simsearch index add`)")
+        q = self._pooled_vector(self.embedder.embed(img))[None, :]
+        distances, ids = self._pooled.search(q, min(k, self._pooled.ntotal))
+        rows = {r["id"]: r for r in self.catalog.images("reference")}
+        hits = []
+        for d, i in zip(distances[0], ids[0]):
+            if i < 0 or int(i) not in rows:
+                continue
+            hits.append({"image": rows[int(i)]["path"], "sha256": rows[int(i)]["sha256"], "distance": float(d),
+                         "similarity": float(np.clip(1.0 - d * d / 2.0, 0.0, 1.0))})
+        return hits
+
+    # -- calibration --------------------------------------------------------------------------
+    def calibrate(self, good: Iterable[str] | None = None, *, target_fpr: float = 0.01,
+                  defects: Iterable[str] | None = None, min_region_area: int | None = None,
+                  progress: Progress | None = None) -> Calibration:
+        """Thresholds from good images outside the bank (default: the held-out ones); see calibration.py."""
+        if not 0 < target_fpr < 1:
+            raise SimsearchError(f"target false-positive rate must be in (0, 1), got {target_fpr}")
+        area = int(min_region_area or self.default_min_region_area())
+        if good:
+            good_files, _ = expand_paths(list(good))
+            in_bank = self.catalog.known_hashes([load_image(p).sha256 for p in good_files])
+            bank_members = [r["path"] for r in in_bank.values() if r["role"] == "reference"]
+            if bank_members:
+                raise SimsearchError(f"{len(bank_members)} of these good images are in the bank (e.g. {bank_members[0]}); "
+                                     "bank images score zero against themselves and cannot calibrate")
+        else:
+            held = self.catalog.images("calibration")
+            if not held:
+                raise SimsearchError("no held-out images to calibrate on: give good images that are not in the bank, "
+                                     "or add images with --holdout")
+            good_files = [r["path"] for r in held]
+        defect_files = expand_paths(list(defects))[0] if defects else []
+        total = len(good_files) + len(defect_files)
+        good_scores, levels, defect_scores, new_rows = [], [], [], []
+        for i, path in enumerate(good_files + defect_files):
+            if progress:
+                progress(i, total, path)
+            img = load_image(path)
+            scored = self._score(img)
+            if i < len(good_files):
+                good_scores.append(scored["score"])
+                levels.append(region_level(scored["map"], area))
+                new_rows.append(dict(path=os.path.abspath(path), sha256=img.sha256, width=img.width,
+                                     height=img.height, added_at=time.time()))
+            else:
+                defect_scores.append(scored["score"])
+        if progress:
+            progress(total, total, "done")
+        image_choice = threshold_for_fpr(np.asarray(good_scores), target_fpr)
+        pixel_choice = threshold_for_fpr(np.asarray(levels), target_fpr)
+        f1_t = f1 = None
+        if defect_scores:
+            f1_t, f1 = f1_best_threshold(np.asarray(good_scores), np.asarray(defect_scores))
+        method = image_choice.describe("image") + "; " + pixel_choice.describe(
+            f"pixel (regions of >= {area} px)")
+        generation = self.catalog.state()["generation"]
+        with self._writer_lock():
+            if good:  # remember the given good images so that a later `calibrate` can re-score them
+                known = self.catalog.known_hashes([r["sha256"] for r in new_rows])
+                with self.catalog.engine.begin() as conn:
+                    self.catalog.insert_calibration_images(conn, [r for r in new_rows if r["sha256"] not in known])
+            cal_id = self.catalog.add_calibration(dict(
+                generation=generation, target_fpr=target_fpr, image_threshold=image_choice.threshold,
+                pixel_threshold=pixel_choice.threshold, min_region_area=area, f1_threshold=f1_t,
+                n_good=len(good_scores), n_defect=len(defect_scores), method=method,
+                details={"good_scores": good_scores, "defect_scores": defect_scores, "region_levels": levels,
+                         "expected_fpr": image_choice.expected_fpr, "k": image_choice.k,
+                         "target_met": image_choice.target_met, "f1": f1}))
+        return Calibration(id=cal_id, image_threshold=image_choice.threshold, pixel_threshold=pixel_choice.threshold,
+                           min_region_area=area, target_fpr=target_fpr, expected_fpr=image_choice.expected_fpr,
+                           n_good=len(good_scores), n_defect=len(defect_scores), method=method,
+                           f1_threshold=f1_t, f1=f1, generation=generation)
+
+    # -- information --------------------------------------------------------------------------
+    def info(self) -> dict:
+        counts = self.catalog.counts()
+        state = self.catalog.state()
+        self._load_banks()
+        cal, warning = self.current_calibration()
+        latest = self.catalog.latest_calibration()
+        size = sum(f.stat().st_size for f in self.directory.rglob("*") if f.is_file())
+        return {
+            "index": str(self.directory), "fingerprint": self.config.fingerprint, "generation": state["generation"],
+            **counts, "bank_vectors": self._bank.ntotal, "bank_kind": self._bank.kind, "nprobe": self._bank.nprobe,
+            "calibration": None if latest is None else {
+                k: latest[k] for k in ("id", "image_threshold", "pixel_threshold", "min_region_area", "target_fpr",
+                                       "f1_threshold", "n_good", "n_defect", "generation", "method")},
+            "calibration_fresh": cal is not None, "warning": warning, "bytes_on_disk": size,
+            "config": self.config.to_dict(),
+        }

@@ -1,0 +1,97 @@
+"""Anomaly scores from nearest-neighbour distances (PatchCore), maps and regions.
+
+A patch's score is its L2 distance to the nearest reference patch (mean over k neighbours when
+k > 1); the image score is the largest patch score. The map interpolates patch scores back to
+the original resolution and smooths them with a Gaussian, as PatchCore does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+def patch_scores(distances: np.ndarray) -> np.ndarray:
+    """(N, k) L2 distances to the k nearest reference patches -> (N,) patch scores."""
+    d = np.asarray(distances, dtype=np.float32)
+    if d.ndim != 2 or d.shape[1] < 1:
+        raise ValueError(f"distances must be (N, k), got {d.shape}")
+    return d.mean(axis=1) if d.shape[1] > 1 else d[:, 0].copy()
+
+
+def image_score(scores: np.ndarray) -> float:
+    """Patch scores (any shape) -> the image's score: the most anomalous patch."""
+    return float(np.max(scores))
+
+
+def smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
+    """(H, W) float32 -> Gaussian-smoothed (H, W) float32 (sigma in pixels; 0 = unchanged)."""
+    if sigma <= 0:
+        return anomaly_map.astype(np.float32, copy=False)
+    ksize = 2 * int(4 * sigma + 0.5) + 1
+    return cv2.GaussianBlur(anomaly_map.astype(np.float32, copy=False), (ksize, ksize), sigmaX=sigma, sigmaY=sigma,
+                            borderType=cv2.BORDER_REFLECT)
+
+
+@dataclass
+class Region:
+    x: int
+    y: int
+    w: int
+    h: int
+    area: int
+    score: float  # the map's maximum inside the region
+    peak: tuple[int, int]  # (x, y) of that maximum, original-image pixels
+
+
+def find_regions(anomaly_map: np.ndarray, threshold: float, min_area: int) -> list[Region]:
+    """Connected components (8-connected) of map > threshold with at least `min_area` pixels, by score."""
+    mask = (anomaly_map > threshold).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    regions = []
+    for label in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[label])
+        if area < min_area:
+            continue
+        window = np.where(labels[y:y + h, x:x + w] == label, anomaly_map[y:y + h, x:x + w], -np.inf)
+        py, px = np.unravel_index(int(np.argmax(window)), window.shape)
+        regions.append(Region(x, y, w, h, area, float(window[py, px]), (x + int(px), y + int(py))))
+    return sorted(regions, key=lambda r: -r.score)
+
+
+def has_region(anomaly_map: np.ndarray, threshold: float, min_area: int) -> bool:
+    mask = (anomaly_map > threshold).astype(np.uint8)
+    n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    return n > 1 and int(stats[1:, cv2.CC_STAT_AREA].max()) >= min_area
+
+
+def region_level(anomaly_map: np.ndarray, min_area: int, iterations: int = 30) -> float:
+    """The highest threshold t at which map > t still has a component of >= min_area pixels.
+
+    An image shows a region at a pixel threshold exactly when this level exceeds it, so the
+    levels of good images calibrate the pixel threshold. Bisection on t.
+    """
+    lo, hi = float(anomaly_map.min()), float(anomaly_map.max())
+    if min_area <= 1:
+        return hi  # any single pixel above t is a region
+    if not has_region(anomaly_map, lo, min_area):
+        return lo
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if has_region(anomaly_map, mid, min_area):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def similarity_from_score(score: float, threshold: float | None) -> float | None:
+    """Image similarity to the good parts in [0, 1]: 0.5 ** (score / threshold).
+
+    1 = identical to a reference patch everywhere, 0.5 = exactly at the threshold, toward 0 far
+    beyond it. None without a threshold: distances have no absolute scale of their own.
+    """
+    if threshold is None or threshold <= 0:
+        return None
+    return float(0.5 ** (max(score, 0.0) / threshold))
