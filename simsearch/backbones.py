@@ -49,11 +49,11 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     """Content hash of a state dict (names and values), independent of the file format."""
     h = hashlib.sha256()
     for name in sorted(state):
-        t = state[name].detach().cpu().contiguous().reshape(-1)
+        t = state[name].detach().cpu().contiguous()
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -115,7 +115,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise BackboneError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise BackboneError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not a plain state dict"
@@ -143,7 +146,10 @@ def full_model_state(backbone: str, weights: str, weights_file: Path | None) -> 
         state = read_state_dict(weights_file)
     if any(k.startswith("_blocks.") for k in state):
         state = rename_lukemelas_keys(state, [len(stage) for stage in model.blocks])
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensor shapes that do not match
+        raise BackboneError(f"weights do not fit {backbone}: {str(exc).splitlines()[-1].strip()[:300]}") from None
     missing = [k for k in result.missing_keys if not k.startswith(("classifier.", "fc.", "head."))]
     if missing or result.unexpected_keys:
         raise BackboneError(f"weights do not fit {backbone}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")

@@ -60,6 +60,8 @@ class IndexConfig:
             raise ValueError(f"neighbourhood must be odd and >= 1, got {self.neighbourhood}")
         if self.dims is not None and self.dims < 1:
             raise ValueError(f"dims must be >= 1, got {self.dims}")
+        if self.metric != "l2":
+            raise ValueError(f"only the l2 metric is supported, got {self.metric!r}")
         if self.index_kind not in ("auto", "flat", "ivf-flat"):
             raise ValueError(f"index kind must be auto, flat or ivf-flat, got {self.index_kind!r}")
         if self.k_neighbours < 1:

@@ -45,11 +45,16 @@ class Image:
 
 
 def _check_complete(data: bytes, source: str) -> None:
-    """Refuse truncated PNG/JPEG, which OpenCV would otherwise decode partially."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]:
+    """Refuse truncated PNG/JPEG, which OpenCV would otherwise decode partially.
+
+    Trailing bytes after a complete image (camera trailers, motion photos) are allowed. For JPEG the
+    end-of-image marker must follow the last start-of-scan marker (an EXIF thumbnail's own end marker
+    comes before the main image's scans, so it does not count).
+    """
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data:
         raise ImageError(f"{source}: truncated PNG (no IEND chunk)")
-    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
-        raise ImageError(f"{source}: truncated JPEG (no end-of-image marker)")
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        raise ImageError(f"{source}: truncated JPEG (no end-of-image marker after the last scan)")
 
 
 def to_rgb8(pixels: np.ndarray, source: str = "<array>", *, bgr: bool = False) -> np.ndarray:

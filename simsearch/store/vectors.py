@@ -35,10 +35,13 @@ def _check_ids(ids: np.ndarray, n: int) -> np.ndarray:
     return i
 
 
+TRAIN_PER_LIST = 64  # k-means training points per inverted list (faiss warns below 39)
+
+
 def ivf_lists_for(n: int) -> int:
-    """Number of inverted lists: about 4 sqrt(n), a power of two, at least 64 vectors per list."""
-    nlist = 2 ** round(math.log2(max(4 * math.sqrt(max(n, 1)), 1)))
-    return int(max(16, min(nlist, n // 64 or 1)))
+    """Number of inverted lists: about sqrt(n), a power of two, at least 64 vectors per list."""
+    nlist = 2 ** round(math.log2(max(math.sqrt(max(n, 1)), 1)))
+    return int(max(1, min(nlist, n // 64)))
 
 
 class VectorIndex:
@@ -52,9 +55,8 @@ class VectorIndex:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def flat(cls, dim: int, metric: str = "l2") -> "VectorIndex":
-        base = faiss.IndexFlatL2(dim) if metric == "l2" else faiss.IndexFlatIP(dim)
-        return cls(faiss.IndexIDMap2(base))
+    def flat(cls, dim: int) -> "VectorIndex":
+        return cls(faiss.IndexIDMap2(faiss.IndexFlatL2(dim)))
 
     @classmethod
     def ivf_flat(cls, training: np.ndarray, nlist: int | None = None) -> "VectorIndex":
@@ -64,14 +66,14 @@ class VectorIndex:
         quantizer = faiss.IndexFlatL2(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
         sample = _check(training, dim, "training vectors")
-        if len(sample) > nlist * 256:  # faiss needs no more than this to train k-means well
-            pick = np.random.default_rng(0).choice(len(sample), nlist * 256, replace=False)
+        if len(sample) > nlist * TRAIN_PER_LIST:  # k-means cost grows with the sample: keep it small
+            pick = np.random.default_rng(0).choice(len(sample), nlist * TRAIN_PER_LIST, replace=False)
             sample = sample[np.sort(pick)]
         index.train(sample)
         index.own_fields = True
         quantizer.this.disown()
         out = cls(index)
-        out.nprobe = max(8, nlist // 16)
+        out.nprobe = max(8, nlist // 64)
         return out
 
     @property
@@ -135,6 +137,8 @@ class VectorIndex:
         if extra is not None:
             vectors = np.concatenate([vectors, _check(extra[0], self.dim)])
             ids = np.concatenate([ids, _check_ids(extra[1], len(extra[0]))])
+        if kind != "flat" and not len(vectors):
+            raise ValueError("an IVF index is trained on its vectors: it cannot be built empty")
         new = VectorIndex.flat(self.dim) if kind == "flat" else VectorIndex.ivf_flat(vectors)
         if len(ids):
             new.add(vectors, ids)

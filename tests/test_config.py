@@ -1,0 +1,103 @@
+"""simsearch.config: the index configuration, its validation and its fingerprint."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from simsearch.config import PIPELINE_VERSION, IndexConfig
+
+
+def test_json_round_trip_keeps_config_and_fingerprint():
+    config = IndexConfig(tile_size=128, tile_stride=96, dims=64, layers=(1, 2, 3), weights_sha256="ab" * 32,
+                         mean=(0.1, 0.2, 0.3), extra={"note": "x"})
+    again = IndexConfig.from_json(config.to_json())
+    assert again == config
+    assert isinstance(again.layers, tuple) and isinstance(again.mean, tuple) and isinstance(again.std, tuple)
+    assert again.fingerprint == config.fingerprint
+    assert len(config.fingerprint) == 16 and int(config.fingerprint, 16) >= 0
+    assert IndexConfig().fingerprint == IndexConfig().fingerprint
+
+
+def test_to_json_is_plain_json():
+    d = json.loads(IndexConfig().to_json())
+    assert d["layers"] == [2, 3] and d["mean"] == [0.5, 0.5, 0.5]
+    assert d["pipeline_version"] == PIPELINE_VERSION
+    assert IndexConfig.from_dict(d) == IndexConfig()
+
+
+@pytest.mark.parametrize("change", [
+    {"tile_size": 128, "tile_stride": 96},
+    {"tile_stride": 128},
+    {"backbone": "tf_efficientnet_lite0"},
+    {"weights_sha256": "0" * 64},
+    {"scale": 0.5},
+    {"layers": (1, 2)},
+    {"neighbourhood": 5},
+    {"dims": 100},
+    {"mean": (0.4, 0.5, 0.5)},
+    {"interpolation": "bilinear"},
+    {"pipeline_version": PIPELINE_VERSION + 1},
+    {"feature_dim": 152},
+])
+def test_fingerprint_changes_with_embedder_settings(change):
+    assert IndexConfig().replace(**change).fingerprint != IndexConfig().fingerprint
+
+
+@pytest.mark.parametrize("change", [
+    {"k_neighbours": 5},
+    {"blur_sigma": 0.0},
+    {"index_kind": "ivf-flat"},
+    {"index_kind": "flat"},
+    {"weights": "hub"},
+    {"weights": "my_weights.safetensors"},
+    {"extra": {"anything": 1}},
+])
+def test_fingerprint_ignores_search_and_scoring_settings(change):
+    assert IndexConfig().replace(**change).fingerprint == IndexConfig().fingerprint
+
+
+def test_embedder_fields():
+    fields = IndexConfig().embedder_fields()
+    for key in ("index_kind", "k_neighbours", "blur_sigma", "extra", "weights"):
+        assert key not in fields
+    for key in ("backbone", "weights_sha256", "tile_size", "tile_stride", "scale", "layers", "patch_stride"):
+        assert key in fields
+
+
+@pytest.mark.parametrize("bad", [
+    {"scale": 0},
+    {"scale": -1.0},
+    {"tile_size": 100},
+    {"tile_size": 0},
+    {"tile_stride": 0},
+    {"tile_stride": 512},  # larger than the tile
+    {"tile_stride": 100},  # not a multiple of the patch stride
+    {"neighbourhood": 0},
+    {"neighbourhood": 2},
+    {"dims": 0},
+    {"index_kind": "hnsw"},
+    {"k_neighbours": 0},
+])
+def test_invalid_values_raise(bad):
+    with pytest.raises(ValueError):
+        IndexConfig(**bad)
+    with pytest.raises(ValueError):
+        IndexConfig().replace(**bad)
+
+
+def test_unknown_field_in_from_dict_raises():
+    d = IndexConfig().to_dict()
+    d["colour_space"] = "lab"
+    with pytest.raises(ValueError, match="colour_space"):
+        IndexConfig.from_dict(d)
+
+
+def test_from_dict_fills_missing_fields_with_defaults():
+    assert IndexConfig.from_dict({"tile_size": 128, "tile_stride": 64}) == IndexConfig(tile_size=128, tile_stride=64)
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        IndexConfig().tile_size = 128  # type: ignore[misc]

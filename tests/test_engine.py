@@ -1,0 +1,233 @@
+"""End-to-end behaviour of the Engine on a small slice of real data (PIPED PA_BDP01_TL)."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from realdata import needs_piped, piped_mask, piped_test, piped_train
+from simsearch import Engine, SimsearchError
+from simsearch.engine import EmbedderMismatch
+from simsearch.images import ImageError
+
+pytestmark = needs_piped
+
+
+def build(directory: Path, images: list[Path], **kwargs) -> Engine:
+    engine = Engine.create(directory, **kwargs)
+    engine.add([str(p) for p in images], holdout=0.25)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Engine:
+    engine = build(tmp_path_factory.mktemp("calibrated") / "index", piped_train())
+    engine.calibrate(target_fpr=0.01)
+    yield engine
+    engine.close()
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())
+            if p.suffix in (".faiss",)}
+
+
+def test_add_reports_counts_and_holds_out_a_deterministic_slice(tmp_path):
+    train = piped_train()
+    engine = build(tmp_path / "a", train)
+    info = engine.info()
+    # PA_BDP01_TL's train/good holds one byte-identical duplicate, reported as skipped.
+    assert info["reference_images"] + info["calibration_images"] == len(train) - 1
+    assert info["calibration_images"] == round(0.25 * (len(train) - 1))
+    assert info["bank_vectors"] == info["vectors"] > 0
+    held_a = {r["sha256"] for r in engine.catalog.images("calibration")}
+    other = build(tmp_path / "b", list(reversed(train)))
+    assert {r["sha256"] for r in other.catalog.images("calibration")} == held_a
+
+
+def test_defect_is_flagged_and_map_is_higher_inside_its_mask(calibrated):
+    insides, outsides, flagged = [], [], []
+    for image in piped_test("impurity")[:6]:
+        result = calibrated.query(str(image))
+        mask = cv2.imread(str(piped_mask(image)), cv2.IMREAD_GRAYSCALE) > 127
+        assert result.anomaly_map.shape == mask.shape
+        insides.append(result.anomaly_map[mask].mean())
+        outsides.append(result.anomaly_map[~mask].mean())
+        flagged.append(result.is_anomalous)
+    assert all(isinstance(f, bool) for f in flagged)
+    assert sum(flagged) >= 5
+    assert all(i > o for i, o in zip(insides, outsides))
+
+
+def test_flagged_defect_has_regions_with_nearest_reference(calibrated):
+    result = calibrated.query(str(piped_test("impurity")[0]))
+    assert result.is_anomalous is True
+    assert result.regions, "a flagged defect should show at least one region"
+    top = result.regions[0]
+    assert top.nearest is not None and Path(top.nearest.image).is_file()
+    assert 0 <= top.x < 128 and 0 <= top.y < 128 and top.w > 0 and top.h > 0
+    assert 0 < result.similarity < 0.5
+
+
+def test_held_out_good_images_pass(calibrated):
+    for row in calibrated.catalog.images("calibration"):
+        result = calibrated.query(row["path"])
+        assert result.is_anomalous is False
+        assert result.similarity >= 0.5
+
+
+def test_bank_image_scores_zero_and_search_finds_it(calibrated):
+    ref = calibrated.catalog.images("reference")[3]["path"]
+    assert calibrated.query(ref).score == pytest.approx(0.0, abs=1e-3)
+    hits = calibrated.search(ref, k=3)
+    assert hits[0]["image"] == ref
+    assert hits[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert len(hits) == 3 and hits[0]["distance"] <= hits[1]["distance"] <= hits[2]["distance"]
+
+
+def test_array_input_is_rgb_and_matches_path(calibrated):
+    path = str(piped_test("impurity")[1])
+    rgb = cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB)
+    from_path, from_array = calibrated.query(path), calibrated.query(rgb)
+    assert from_array.score == pytest.approx(from_path.score, rel=1e-6)
+    assert from_array.image == "<array>"
+    # BGR given where RGB is expected is a different image, with a different score.
+    assert calibrated.query(rgb[:, :, ::-1].copy()).score != pytest.approx(from_path.score, rel=1e-3)
+
+
+def test_reopening_gives_identical_scores(calibrated):
+    image = str(piped_test("impurity")[2])
+    before = calibrated.query(image)
+    with Engine.open(calibrated.directory) as reopened:
+        after = reopened.query(image)
+    assert after.score == before.score
+    assert np.array_equal(after.anomaly_map, before.anomaly_map)
+    assert after.threshold == before.threshold and after.calibration_id == before.calibration_id
+
+
+def test_remove_takes_vectors_and_rows_and_makes_calibration_stale(tmp_path):
+    engine = build(tmp_path / "ix", piped_train())
+    engine.calibrate()
+    victim = engine.catalog.images("reference")[0]
+    assert engine.query(victim["path"]).score == pytest.approx(0.0, abs=1e-3)
+    before = engine.info()
+    result = engine.remove([victim["sha256"][:10]])
+    after = engine.info()
+    assert result["vectors_removed"] == victim["n_vectors"]
+    assert after["bank_vectors"] == after["vectors"] == before["vectors"] - victim["n_vectors"]
+    assert after["generation"] == before["generation"] + 1
+    query = engine.query(victim["path"])
+    assert query.score > 1.0  # no longer its own neighbour
+    assert query.is_anomalous is None and "calibrate" in query.warning
+    # A fresh calibration on the stored held-out images restores verdicts.
+    engine.calibrate()
+    assert engine.query(victim["path"]).is_anomalous is not None
+    with pytest.raises(SimsearchError, match="not in the index"):
+        engine.remove(["/no/such/image.png"])
+
+
+def test_duplicates_are_skipped_and_reported(tmp_path):
+    engine = build(tmp_path / "ix", piped_train()[:8])
+    generation = engine.info()["generation"]
+    report = engine.add([str(p) for p in piped_train()[:4]])
+    assert report.added == [] and len(report.skipped) == 4
+    assert all("already in the index" in why for _, why in report.skipped)
+    assert engine.info()["generation"] == generation
+
+
+def test_another_backbone_is_refused(tmp_path):
+    engine = build(tmp_path / "ix", piped_train()[:6])
+    engine.close()
+    with pytest.raises(EmbedderMismatch, match="tf_efficientnet_lite0"):
+        Engine.open_or_create(tmp_path / "ix", backbone="tf_efficientnet_lite0")
+    with pytest.raises(EmbedderMismatch, match="tile_size"):
+        Engine.open_or_create(tmp_path / "ix", tile_size=128)
+    with pytest.raises(SimsearchError, match="already holds an index"):
+        Engine.create(tmp_path / "ix")
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated_png", "truncated_bmp_as_png", "missing"])
+def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path, kind):
+    engine = build(tmp_path / "ix", piped_train()[:6])
+    before_info, before_files = engine.info(), snapshot(engine.directory)
+    bad = tmp_path / "bad.png"
+    good_png = cv2.imencode(".png", cv2.imread(str(piped_train()[7])))[1].tobytes()
+    if kind == "text":
+        bad.write_text("not an image at all\n")
+    elif kind == "truncated_png":
+        bad.write_bytes(good_png[: len(good_png) // 2])
+    elif kind == "truncated_bmp_as_png":
+        bad.write_bytes(piped_train()[7].read_bytes()[:5000])
+    with pytest.raises(ImageError, match="bad.png"):
+        engine.add([str(piped_train()[8]), str(bad)])
+    assert engine.info() == before_info
+    assert snapshot(engine.directory) == before_files
+    with pytest.raises(ImageError, match="bad.png"):
+        engine.query(str(bad))
+
+
+def test_unreadable_files_inside_a_folder_are_skipped(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for p in piped_train()[:3]:
+        shutil.copy(p, folder)
+    (folder / "notes.txt").write_text("hello")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    engine = Engine.create(tmp_path / "ix")
+    report = engine.add([str(folder)])
+    assert len(report.added) == 3
+    reasons = dict(report.skipped)
+    assert set(reasons) == {str(folder / "notes.txt"), str(folder / "broken.png")}
+
+
+def test_calibrating_on_bank_images_is_refused(calibrated):
+    ref = calibrated.catalog.images("reference")[0]["path"]
+    with pytest.raises(SimsearchError, match="cannot calibrate"):
+        calibrated.calibrate([ref])
+
+
+def test_calibration_with_defects_reports_f1_threshold(tmp_path):
+    engine = build(tmp_path / "ix", piped_train())
+    cal = engine.calibrate([str(p) for p in piped_test("good")[:8]],
+                           defects=[str(p) for p in piped_test("impurity")[:8]])
+    assert cal.n_good == 8 and cal.n_defect == 8
+    assert cal.f1 is not None and 0 < cal.f1 <= 1
+    # Too few good images for a 1% target: the rule takes the largest and says what it promises.
+    assert cal.expected_fpr == pytest.approx(1 / 9)
+    assert "too few images" in cal.method
+    # The given good images are remembered: a later plain `calibrate` re-scores them (and the held-out ones).
+    again = engine.calibrate()
+    assert again.n_good == 8 + engine.info()["calibration_images"] - 8
+
+
+def test_weights_file_is_copied_and_fingerprint_is_the_embedded_one(tmp_path):
+    from safetensors.torch import save_file
+
+    from simsearch.backbones import embedded_weights_file, read_state_dict
+    weights = tmp_path / "lite1.safetensors"
+    save_file(read_state_dict(embedded_weights_file("tf_efficientnet_lite1")), str(weights))
+    with Engine.create(tmp_path / "ix", backbone="tf_efficientnet_lite1", weights=str(weights)) as engine:
+        stored = engine.directory / engine.config.weights
+        assert stored.is_file() and stored.parent.name == "weights"
+        embedded_fp = Engine.create(tmp_path / "ix2").config.fingerprint
+        assert engine.config.fingerprint == embedded_fp
+    # The index directory is self-contained: move it, delete the original weights, it still works.
+    shutil.move(str(tmp_path / "ix"), str(tmp_path / "moved"))
+    weights.unlink()
+    with Engine.open(tmp_path / "moved") as moved:
+        moved.add([str(p) for p in piped_train()[:2]])
+        assert moved.query(str(piped_test("good")[0])).score > 0
+
+
+def test_ivf_index_kind_gives_close_scores(tmp_path):
+    exact = build(tmp_path / "flat", piped_train())
+    approx = build(tmp_path / "ivf", piped_train(), index_kind="ivf-flat")
+    assert approx.info()["bank_kind"] == "ivf-flat"
+    for image in piped_test("impurity")[:3]:
+        a, b = exact.query(str(image)).score, approx.query(str(image)).score
+        assert b >= a - 1e-4  # approximate search can only miss the true nearest neighbour
+        assert b == pytest.approx(a, rel=0.05)

@@ -1,0 +1,136 @@
+"""simsearch.features: the patch-feature maths and the Embedder on the real default backbone."""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simsearch.config import IndexConfig
+from simsearch.features import Embedder, patch_features
+from simsearch.images import Image
+
+
+def _maps(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 4, 16, 12, generator=g), torch.randn(2, 6, 8, 6, generator=g)]
+
+
+def test_output_shape_is_fine_grid_with_all_channels():
+    out = patch_features(_maps())
+    assert out.shape == (2, 16, 12, 10)
+    assert out.dtype == torch.float32
+    assert out.is_contiguous()
+
+
+def test_neighbourhood_1_single_map_is_the_permuted_input():
+    m = _maps()[0]
+    out = patch_features([m], neighbourhood=1)
+    assert torch.equal(out, m.permute(0, 2, 3, 1))
+
+
+def test_half_precision_input_is_returned_as_float32():
+    m = _maps()[0].half()
+    out = patch_features([m], neighbourhood=1)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, m.float().permute(0, 2, 3, 1))
+
+
+def test_3x3_average_of_a_constant_map_is_constant_at_the_borders_too():
+    m = torch.full((1, 3, 7, 5), 2.5)
+    out = patch_features([m], neighbourhood=3)
+    assert torch.allclose(out, torch.full((1, 7, 5, 3), 2.5))
+
+
+def test_3x3_average_values():
+    m = torch.arange(25, dtype=torch.float32).reshape(1, 1, 5, 5)
+    out = patch_features([m], neighbourhood=3)[0, :, :, 0]
+    # interior: the mean of the 3x3 window; corner: the mean of the 4 pixels inside the image only
+    assert out[2, 2].item() == pytest.approx(m[0, 0, 1:4, 1:4].mean().item())
+    assert out[0, 0].item() == pytest.approx((0 + 1 + 5 + 6) / 4)
+    assert out[0, 2].item() == pytest.approx((1 + 2 + 3 + 6 + 7 + 8) / 6)
+
+
+def test_coarse_map_is_resized_bilinearly_to_the_fine_grid():
+    fine, coarse = _maps()
+    out = patch_features([fine, coarse], neighbourhood=1)
+    expected = F.interpolate(coarse, size=(16, 12), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    assert torch.allclose(out[..., 4:], expected)
+    assert torch.equal(out[..., :4], fine.permute(0, 2, 3, 1))
+    # a constant coarse map stays constant after resizing
+    const = patch_features([fine, torch.full((2, 2, 8, 6), -1.0)], neighbourhood=3)
+    assert torch.allclose(const[..., 4:], torch.tensor(-1.0))
+
+
+def test_dims_reduction():
+    out = patch_features(_maps(), neighbourhood=1, dims=5)
+    assert out.shape == (2, 16, 12, 5)
+    full = patch_features(_maps(), neighbourhood=1)
+    # 10 channels -> 5: adaptive average pooling averages adjacent pairs
+    assert torch.allclose(out, full.reshape(2, 16, 12, 5, 2).mean(-1), atol=1e-6)
+    assert torch.equal(patch_features(_maps(), neighbourhood=1, dims=10), full)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(4, 8, 8), torch.zeros(1, 1, 2, 8, 8)])
+def test_bad_ndim_raises(bad):
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        patch_features([bad])
+    with pytest.raises(ValueError):
+        patch_features([torch.zeros(1, 2, 8, 8), bad])
+
+
+def test_no_maps_raises():
+    with pytest.raises(ValueError, match="no feature maps"):
+        patch_features([])
+
+
+# -- Embedder on the real default backbone --------------------------------------------------------------
+
+def _image(h, w, seed=0):
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return Image(rgb=rgb, sha256=hashlib.sha256(rgb.tobytes()).hexdigest(), source="<array>")
+
+
+def test_backbone_layers(lite1_backbone):
+    assert lite1_backbone.reductions == (8, 16)
+    assert lite1_backbone.channels == (40, 112)
+
+
+def test_embed_grid_shape_and_determinism(lite1_backbone):
+    embedder = Embedder(IndexConfig(), lite1_backbone)
+    assert embedder.dim == 152
+    image = _image(100, 150)
+    grid = embedder.embed(image)
+    assert grid.features.shape == (math.ceil(100 / 8), math.ceil(150 / 8), 152)
+    assert grid.features.dtype == np.float32
+    assert np.isfinite(grid.features).all()
+    assert grid.features.std() > 0
+    assert grid.original_size == (100, 150)
+    assert grid.tile_index.shape == grid.grid_shape
+    again = embedder.embed(image)
+    np.testing.assert_array_equal(again.features, grid.features)
+    # a different image gives different vectors
+    assert not np.array_equal(embedder.embed(_image(100, 150, seed=1)).features, grid.features)
+
+
+def test_embed_multi_tile_image(lite1_backbone):
+    embedder = Embedder(IndexConfig(tile_size=64, tile_stride=48), lite1_backbone)
+    grid = embedder.embed(_image(70, 90))
+    assert grid.layout.n_tiles == 2 * 2  # padded 96x96: starts (0, 32) on each axis
+    assert grid.features.shape == (9, 12, 152)
+    assert set(np.unique(grid.tile_index).tolist()) == {0, 1, 2, 3}
+    boxes = grid.cell_boxes()
+    assert boxes.shape == (9, 12, 4)
+    assert boxes[0, 0].tolist() == [0, 0, 8, 8]
+    assert boxes[-1, -1].tolist() == [88, 64, 2, 6]  # the last cells are cut at the image edge
+
+
+def test_embedder_dims_and_stride_check(lite1_backbone):
+    embedder = Embedder(IndexConfig(dims=64), lite1_backbone)
+    assert embedder.dim == 64
+    assert embedder.embed(_image(40, 40)).features.shape == (5, 5, 64)
+    with pytest.raises(ValueError, match="stride"):
+        Embedder(IndexConfig(patch_stride=16, tile_stride=192), lite1_backbone)
