@@ -209,7 +209,8 @@ def test_weights_file_is_copied_and_fingerprint_is_the_embedded_one(tmp_path):
 
     from simsearch.backbones import embedded_weights_file, read_state_dict
     weights = tmp_path / "lite1.safetensors"
-    save_file(read_state_dict(embedded_weights_file("tf_efficientnet_lite1")), str(weights))
+    state = read_state_dict(embedded_weights_file("tf_efficientnet_lite1"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
     with Engine.create(tmp_path / "ix", backbone="tf_efficientnet_lite1", weights=str(weights)) as engine:
         stored = engine.directory / engine.config.weights
         assert stored.is_file() and stored.parent.name == "weights"
