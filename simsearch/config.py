@@ -31,6 +31,8 @@ class IndexConfig:
     scale: float = 1.0
     tile_size: int = 256
     tile_stride: int = 192
+    # Reflected context around the image, so the backbone's zero padding never touches its border cells.
+    context_margin: int = 32
     # Backbone stages (timm feature_info indices) whose maps are concatenated.
     layers: tuple[int, ...] = (2, 3)
     # Feature stride of the finest layer: one patch vector per `patch_stride` pixels.
@@ -56,6 +58,8 @@ class IndexConfig:
             raise ValueError(f"tile stride must be in (0, tile size], got {self.tile_stride}")
         if self.tile_stride % self.patch_stride:
             raise ValueError(f"tile stride must be a multiple of {self.patch_stride}, got {self.tile_stride}")
+        if self.context_margin < 0 or self.context_margin % self.patch_stride:
+            raise ValueError(f"context margin must be a multiple of {self.patch_stride}, got {self.context_margin}")
         if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
             raise ValueError(f"neighbourhood must be odd and >= 1, got {self.neighbourhood}")
         if self.dims is not None and self.dims < 1:

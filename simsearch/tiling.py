@@ -1,7 +1,9 @@
 """Tile grid and stitching.
 
-An image is brought to the index's scale, padded (by reflection) up to a multiple of 32 on
-each side, and cut into overlapping tiles whose last one sits flush with the padded edge.
+An image is brought to the index's scale, framed by a reflected context margin (so the backbone's
+own zero padding, mid-grey after normalisation, falls outside the image instead of on its border
+cells), padded by reflection up to a multiple of 32, and cut into overlapping tiles whose last one
+sits flush with the padded edge.
 The embedder turns each tile into a grid of patch vectors (one per `patch_stride` pixels);
 the image's own patch grid takes every cell from the tile in which that cell is most central,
 so tile borders (where the backbone sees padding) are used only at the image's own borders.
@@ -58,6 +60,7 @@ class TileLayout:
     ys: np.ndarray  # (Ty,) tile top offsets in the padded image
     xs: np.ndarray  # (Tx,) tile left offsets
     cell: int  # patch stride in pixels
+    margin: int = 0  # reflected context added on every side (a multiple of `cell`)
 
     @property
     def padded_shape(self) -> tuple[int, int]:
@@ -73,25 +76,36 @@ class TileLayout:
         return len(self.ys) * len(self.xs)
 
     def tile_boxes(self) -> list[tuple[int, int, int, int]]:
-        """(x, y, w, h) of each tile in scaled-image pixels, row-major (tile index = iy * Tx + ix)."""
-        return [(int(x), int(y), self.tile_w, self.tile_h) for y in self.ys for x in self.xs]
+        """(x, y, w, h) of each tile in scaled-image pixels, clipped to the image, row-major (index = iy * Tx + ix)."""
+        boxes = []
+        for y in self.ys - self.margin:
+            for x in self.xs - self.margin:
+                x0, y0 = max(int(x), 0), max(int(y), 0)
+                x1, y1 = min(int(x) + self.tile_w, self.width), min(int(y) + self.tile_h, self.height)
+                boxes.append((x0, y0, max(x1 - x0, 0), max(y1 - y0, 0)))
+        return boxes
 
     def cell_owners(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per cell of the image grid: tile index, row and column inside that tile. Each (Hc, Wc)."""
         hc, wc = self.grid_shape
-        ty, ly = owner_tiles(hc, self.cell, self.ys, self.tile_h)
-        tx, lx = owner_tiles(wc, self.cell, self.xs, self.tile_w)
+        ty, ly = owner_tiles(hc, self.cell, self.ys - self.margin, self.tile_h)
+        tx, lx = owner_tiles(wc, self.cell, self.xs - self.margin, self.tile_w)
         tile_index = ty[:, None] * len(self.xs) + tx[None, :]
         return tile_index, np.broadcast_to(ly[:, None], (hc, wc)), np.broadcast_to(lx[None, :], (hc, wc))
 
 
-def plan_tiles(height: int, width: int, tile: int, stride: int, cell: int) -> TileLayout:
-    """Tiles for an image of (height, width) scaled pixels. Small images get one smaller tile."""
-    tile_h = min(tile, round_up(height, ALIGN))
-    tile_w = min(tile, round_up(width, ALIGN))
-    padded_h, padded_w = round_up(height, ALIGN), round_up(width, ALIGN)
+def plan_tiles(height: int, width: int, tile: int, stride: int, cell: int, margin: int = 0) -> TileLayout:
+    """Tiles for an image of (height, width) scaled pixels plus `margin` on every side.
+
+    Small images get one smaller tile. Tile offsets are in the padded frame, whose origin lies
+    `margin` pixels above and left of the image.
+    """
+    if margin % cell:
+        raise ValueError(f"margin {margin} must be a multiple of the patch stride {cell}")
+    padded_h, padded_w = round_up(height + 2 * margin, ALIGN), round_up(width + 2 * margin, ALIGN)
+    tile_h, tile_w = min(tile, padded_h), min(tile, padded_w)
     return TileLayout(height, width, tile_h, tile_w, tile_starts(padded_h, tile_h, stride),
-                      tile_starts(padded_w, tile_w, stride), cell)
+                      tile_starts(padded_w, tile_w, stride), cell, margin)
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -114,7 +128,8 @@ def cut_tiles(rgb: np.ndarray, layout: TileLayout) -> np.ndarray:
     h, w = rgb.shape[:2]
     if (h, w) != (layout.height, layout.width):
         raise ValueError(f"image is {w}x{h}, layout expects {layout.width}x{layout.height}")
-    padded = np.pad(rgb, ((0, ph - h), (0, pw - w), (0, 0)), mode="symmetric")
+    m = layout.margin
+    padded = np.pad(rgb, ((m, ph - h - m), (m, pw - w - m), (0, 0)), mode="symmetric")
     return np.stack([padded[y:y + layout.tile_h, x:x + layout.tile_w] for y in layout.ys for x in layout.xs])
 
 

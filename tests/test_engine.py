@@ -232,3 +232,19 @@ def test_ivf_index_kind_gives_close_scores(tmp_path):
         a, b = exact.query(str(image)).score, approx.query(str(image)).score
         assert b >= a - 1e-4  # approximate search can only miss the true nearest neighbour
         assert b == pytest.approx(a, rel=0.05)
+
+
+def test_coreset_keeps_the_requested_share_and_never_drops_existing_vectors(tmp_path):
+    full = build(tmp_path / "full", piped_train())
+    engine = Engine.create(tmp_path / "core")
+    first = engine.add([str(p) for p in piped_train()[:12]], coreset=0.1)
+    per_image = full.info()["vectors"] / full.info()["reference_images"]
+    assert first.vectors_added == round(0.1 * 12 * per_image)
+    before_ids = set(engine.bank.all_vectors()[0].tolist())
+    second = engine.add([str(p) for p in piped_train()[12:24]], coreset=0.1)
+    after_ids = set(engine.bank.all_vectors()[0].tolist())
+    assert before_ids < after_ids and len(after_ids) == first.vectors_added + second.vectors_added
+    # A tenth of the bank still separates a defect from a held-out-like good image.
+    defect = engine.query(str(piped_test("impurity")[0])).score
+    good = engine.query(str(piped_test("good")[0])).score
+    assert defect > good

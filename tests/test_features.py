@@ -117,11 +117,14 @@ def test_embed_grid_shape_and_determinism(lite1_backbone):
 
 
 def test_embed_multi_tile_image(lite1_backbone):
-    embedder = Embedder(IndexConfig(tile_size=64, tile_stride=48), lite1_backbone)
+    embedder = Embedder(IndexConfig(tile_size=64, tile_stride=48, context_margin=0), lite1_backbone)
     grid = embedder.embed(_image(70, 90))
     assert grid.layout.n_tiles == 2 * 2  # padded 96x96: starts (0, 32) on each axis
     assert grid.features.shape == (9, 12, 152)
     assert set(np.unique(grid.tile_index).tolist()) == {0, 1, 2, 3}
+    framed = Embedder(IndexConfig(tile_size=64, tile_stride=48, context_margin=16), lite1_backbone).embed(_image(70, 90))
+    assert framed.layout.n_tiles == 3 * 3  # padded 128x128 (70+32, 90+32 rounded up): starts (0, 48, 64)
+    assert framed.features.shape == (9, 12, 152)
     boxes = grid.cell_boxes()
     assert boxes.shape == (9, 12, 4)
     assert boxes[0, 0].tolist() == [0, 0, 8, 8]

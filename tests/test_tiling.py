@@ -79,7 +79,7 @@ def test_small_image_gets_one_smaller_tile():
     assert layout.n_tiles == 1
     assert layout.padded_shape == (128, 96)
     assert layout.grid_shape == (13, 9)
-    assert layout.tile_boxes() == [(0, 0, 96, 128)]
+    assert layout.tile_boxes() == [(0, 0, 70, 100)]  # clipped to the image itself
 
 
 def test_plan_tiles_large_image():
@@ -91,9 +91,9 @@ def test_plan_tiles_large_image():
     assert layout.xs.tolist() == [0, 64]
     assert layout.n_tiles == 6
     assert layout.grid_shape == (math.ceil(500 / 8), math.ceil(300 / 8))
-    boxes = layout.tile_boxes()
-    assert boxes[0] == (0, 0, 256, 256) and boxes[1] == (64, 0, 256, 256) and boxes[2] == (0, 192, 256, 256)
-    assert all(h % ALIGN == 0 and w % ALIGN == 0 for (_, _, w, h) in boxes)
+    boxes = layout.tile_boxes()  # clipped to the 300 x 500 image
+    assert boxes[0] == (0, 0, 256, 256) and boxes[1] == (64, 0, 236, 256) and boxes[2] == (0, 192, 256, 256)
+    assert boxes[-1] == (64, 256, 236, 244)
 
 
 def test_cell_owners_shapes_and_ranges():
@@ -107,17 +107,19 @@ def test_cell_owners_shapes_and_ranges():
     assert set(np.unique(tile_index).tolist()) == set(range(6))
 
 
+@pytest.mark.parametrize("margin", [0, 32])
 @pytest.mark.parametrize("h,w", [(100, 70), (500, 300), (257, 640), (64, 1000), (33, 33)])
-def test_cut_and_stitch_round_trip(h, w):
+def test_cut_and_stitch_round_trip(h, w, margin):
     cell = 8
-    layout = plan_tiles(h, w, tile=256, stride=192, cell=cell)
-    # Each tile's cell grid holds the global cell index of its cells (padded-image coordinates).
+    layout = plan_tiles(h, w, tile=256, stride=192, cell=cell, margin=margin)
+    # Each tile's cell grid holds the image-grid index of its cells (negative inside the margin).
     th, tw = layout.tile_h // cell, layout.tile_w // cell
     grids = []
-    for (x, y, _, _) in layout.tile_boxes():
-        r = np.arange(th)[:, None] + y // cell
-        c = np.arange(tw)[None, :] + x // cell
-        grids.append(np.stack(np.broadcast_arrays(r, c), axis=-1))
+    for y in layout.ys:
+        for x in layout.xs:
+            r = np.arange(th)[:, None] + (y - margin) // cell
+            c = np.arange(tw)[None, :] + (x - margin) // cell
+            grids.append(np.stack(np.broadcast_arrays(r, c), axis=-1))
     stitched = stitch_cells(np.stack(grids), layout)
     hc, wc = layout.grid_shape
     assert stitched.shape == (hc, wc, 2)
@@ -125,25 +127,39 @@ def test_cut_and_stitch_round_trip(h, w):
     np.testing.assert_array_equal(stitched[..., 1], np.broadcast_to(np.arange(wc)[None, :], (hc, wc)))
 
 
+@pytest.mark.parametrize("margin", [0, 32])
 @pytest.mark.parametrize("h,w", [(100, 70), (500, 300), (256, 256)])
-def test_cut_tiles_takes_pixels_from_the_padded_image(h, w):
+def test_cut_tiles_takes_pixels_from_the_padded_image(h, w, margin):
     rng = np.random.default_rng(1)
     rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    layout = plan_tiles(h, w, tile=256, stride=192, cell=8)
+    layout = plan_tiles(h, w, tile=256, stride=192, cell=8, margin=margin)
     tiles = cut_tiles(rgb, layout)
     assert tiles.shape == (layout.n_tiles, layout.tile_h, layout.tile_w, 3)
     assert tiles.dtype == np.uint8
     ph, pw = layout.padded_shape
-    padded = np.pad(rgb, ((0, ph - h), (0, pw - w), (0, 0)), mode="symmetric")
-    for t, (x, y, tw, th) in zip(tiles, layout.tile_boxes()):
-        np.testing.assert_array_equal(t, padded[y:y + th, x:x + tw])
-    # The image itself is found unchanged in the first tile (where it lies inside it).
-    np.testing.assert_array_equal(tiles[0][: min(h, 256), : min(w, 256)], rgb[:256, :256])
+    assert ph % 32 == 0 and pw % 32 == 0 and ph >= h + 2 * margin and pw >= w + 2 * margin
+    padded = np.pad(rgb, ((margin, ph - h - margin), (margin, pw - w - margin), (0, 0)), mode="symmetric")
+    boxes = [(x, y) for y in layout.ys for x in layout.xs]
+    for t, (x, y) in zip(tiles, boxes):
+        np.testing.assert_array_equal(t, padded[y:y + layout.tile_h, x:x + layout.tile_w])
+    # The image itself sits at (margin, margin) in the padded frame, unchanged.
+    np.testing.assert_array_equal(padded[margin:margin + h, margin:margin + w], rgb)
     # Padding is a reflection: the first padded row repeats the last image row.
-    if ph > h:
-        np.testing.assert_array_equal(padded[h, :w], rgb[h - 1])
-    if pw > w:
-        np.testing.assert_array_equal(padded[:h, w], rgb[:, w - 1])
+    if ph > h + margin:
+        np.testing.assert_array_equal(padded[margin + h, margin:margin + w], rgb[h - 1])
+    if margin:
+        np.testing.assert_array_equal(padded[margin - 1, margin:margin + w], rgb[0])
+
+
+def test_tile_boxes_are_clipped_to_the_image():
+    layout = plan_tiles(500, 300, tile=256, stride=192, cell=8, margin=32)
+    for x, y, w, h in layout.tile_boxes():
+        assert 0 <= x and 0 <= y and x + w <= 300 and y + h <= 500 and w > 0 and h > 0
+
+
+def test_margin_must_be_a_multiple_of_the_cell():
+    with pytest.raises(ValueError, match="multiple"):
+        plan_tiles(100, 100, 256, 192, 8, margin=12)
 
 
 def test_cut_tiles_checks_size():
