@@ -12,16 +12,16 @@ name="$(basename "$data")"
 work="${BENCH_DIR:-bench/.cache}/engine-$name"
 rm -rf "$work"; mkdir -p "$work"
 sim=.venv/bin/simsearch
-stage() {  # stage NAME CMD... : run, keep time and peak RSS
-    local label="$1"; shift
-    /usr/bin/time -f "%e %M" -o "$work/$label.time" "$@"
+stage() {  # stage NAME OUTFILE CMD... : run with stdout to OUTFILE, print its time and peak RSS
+    local label="$1" outfile="$2"; shift 2
+    /usr/bin/time -f "%e %M" -o "$work/$label.time" "$@" > "$outfile"
     read -r secs kb < "$work/$label.time"
     printf '%-10s %8.1f s  peak RSS %6.0f MiB\n' "$label" "$secs" "$((kb / 1024))"
 }
-stage add $sim index add "$data/train/good" --holdout 0.25 --index "$work/index" "$@" > "$work/add.txt"
-stage calibrate $sim calibrate --index "$work/index" > "$work/calibrate.txt"
-stage query $sim query --json --index "$work/index" "$data"/test/*/* > "$work/query.jsonl"
-tail -n +1 "$work/add.txt" | head -1
+stage add "$work/add.txt" $sim index add "$data/train/good" --holdout 0.25 --index "$work/index" "$@"
+stage calibrate "$work/calibrate.txt" $sim calibrate --index "$work/index"
+stage query "$work/query.jsonl" $sim query --json --index "$work/index" "$data"/test/*/*
+head -1 "$work/add.txt"
 sed -n 2,3p "$work/calibrate.txt"
 .venv/bin/python - "$work/query.jsonl" <<'PY'
 import json, sys

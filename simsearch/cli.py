@@ -27,7 +27,7 @@ index_app = typer.Typer(no_args_is_help=True, help="Build and inspect the index 
 app.add_typer(index_app, name="index")
 
 err = Console(stderr=True)
-out = Console(highlight=False)
+out = Console(highlight=False, soft_wrap=True)  # results are never re-wrapped
 
 IndexDir = Annotated[Path, typer.Option("--index", envvar="SIMSEARCH_INDEX", help="Index directory.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
@@ -50,7 +50,7 @@ def user_errors():
 @contextmanager
 def progress_bar(description: str):
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bar:
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(description, total=None)
 
         def update(done: int, total: int, _message: str) -> None:
@@ -82,9 +82,15 @@ def index_add(
     options = {k: v for k, v in dict(backbone=backbone, weights=weights, scale=scale, tile_size=tile_size,
                                      tile_stride=tile_stride, dims=dims, index_kind=index_kind).items()
                if v is not None}
-    with user_errors():
-        with Engine.open_or_create(index, **options) as engine, progress_bar("embedding") as update:
-            report = engine.add(paths, holdout=holdout, coreset=coreset, progress=update)
+    dir_existed, index_existed = index.exists(), Engine.exists(index)
+    try:
+        with user_errors():
+            with Engine.open_or_create(index, **options) as engine, progress_bar("embedding") as update:
+                report = engine.add(paths, holdout=holdout, coreset=coreset, progress=update)
+    except typer.Exit:
+        if not index_existed:  # a first add that failed leaves no empty index behind
+            Engine.discard_new(index, remove_directory=not dir_existed)
+        raise
     if as_json:
         emit_json({"added": report.added, "held_out": report.held_out,
                    "skipped": [{"path": p, "reason": r} for p, r in report.skipped],

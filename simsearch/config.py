@@ -1,7 +1,8 @@
 """An index's configuration: everything that decides which vector an image becomes.
 
 It is fixed when the index is created and stored in the index; the stored copy always
-wins over the defaults of newer code. Its fingerprint names the embedder, so that an
+wins over the defaults of newer code. A field added later must say, in LEGACY_DEFAULTS, the value
+that reproduces the old behaviour, so an older stored configuration that lacks it keeps its meaning. Its fingerprint names the embedder, so that an
 add or query through a different one can be refused instead of silently mixing spaces.
 """
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass, field
 PIPELINE_VERSION = 1
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite1"
+
+# Field -> value meaning "what the code did before this field existed" (none yet: schema 1).
+LEGACY_DEFAULTS: dict[str, object] = {}
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ class IndexConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"index configuration has fields this simsearch does not know: {sorted(unknown)}")
-        d = dict(d)
+        d = {**LEGACY_DEFAULTS, **d}
         for key in ("mean", "std", "layers"):
             if key in d:
                 d[key] = tuple(d[key])

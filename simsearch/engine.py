@@ -198,6 +198,21 @@ class Engine:
         engine.check_options(**options)
         return engine
 
+    @classmethod
+    def discard_new(cls, directory: str | os.PathLike, *, remove_directory: bool) -> None:
+        """Undo `create` of an index that never received an image (nothing a user stored is touched)."""
+        directory = Path(directory)
+        if cls.exists(directory):
+            with Catalog(directory / cls.DB) as catalog:
+                if catalog.counts()["reference_images"] or catalog.counts()["calibration_images"]:
+                    return
+        for name in (cls.DB, cls.DB + "-wal", cls.DB + "-shm", ".lock", cls.PATCHES, cls.POOLED):
+            (directory / name).unlink(missing_ok=True)
+        shutil.rmtree(directory / "weights", ignore_errors=True)
+        if remove_directory:
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only if empty
+
     def check_options(self, backbone: str | None = None, weights: str | None = None, **settings) -> None:
         """Refuse an embedder other than the index's own."""
         differences = []

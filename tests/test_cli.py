@@ -87,3 +87,12 @@ def test_errors_are_one_clear_line(tmp_path):
     proc = simsearch("index", "add", str(piped_test("good")[0]), "--backbone", "no_such_model_xyz",
                      index=tmp_path / "ix", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "no_such_model_xyz" in proc.stderr
+
+
+def test_a_failed_first_add_leaves_no_index_behind(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    directory = tmp_path / "ix"
+    proc = simsearch("index", "add", str(bad), index=directory, check=False)
+    assert proc.returncode == 1 and "bad.png" in proc.stderr
+    assert not directory.exists()

@@ -248,3 +248,19 @@ def test_coreset_keeps_the_requested_share_and_never_drops_existing_vectors(tmp_
     defect = engine.query(str(piped_test("impurity")[0])).score
     good = engine.query(str(piped_test("good")[0])).score
     assert defect > good
+
+
+def test_any_timm_backbone_with_a_local_weights_file(tmp_path):
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model("resnet18").state_dict().items()}, str(weights))
+    with Engine.create(tmp_path / "ix", backbone="resnet18", weights=str(weights)) as engine:
+        assert engine.config.layers == (2, 3) and engine.config.feature_dim == 128 + 256
+        assert engine.config.mean == pytest.approx((0.485, 0.456, 0.406))  # from the model's own config
+        engine.add([str(p) for p in piped_train()[:3]])
+        assert engine.query(str(piped_train()[0])).score == pytest.approx(0.0, abs=1e-3)
+        assert engine.query(str(piped_test("good")[0])).score > 0

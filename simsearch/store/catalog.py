@@ -141,6 +141,12 @@ class Catalog:
     def close(self) -> None:
         self.engine.dispose()
 
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # -- configuration ------------------------------------------------------------------------
     def read_config(self) -> tuple[IndexConfig, dict] | None:
         with self.engine.connect() as conn:
