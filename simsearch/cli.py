@@ -26,7 +26,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects
 index_app = typer.Typer(no_args_is_help=True, help="Build and inspect the index of good images.")
 app.add_typer(index_app, name="index")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)  # results are never re-wrapped
 
 IndexDir = Annotated[Path, typer.Option("--index", envvar="SIMSEARCH_INDEX", help="Index directory.")]
@@ -218,6 +218,68 @@ def search(
         return
     for hit in hits:
         out.print(f"{hit['similarity']:.4f}  {hit['distance']:.4f}  {hit['image']}")
+
+
+@app.command("eval")
+def eval_command(
+    dataset: Annotated[Path, typer.Argument(help="MVTec-layout folder (or one category folder).")],
+    category: Annotated[Optional[list[str]], typer.Option(help="Only these categories (repeatable).")] = None,
+    method: Annotated[str, typer.Option(help="patchcore (the engine), histogram-iforest, pooled-ocsvm "
+                                             "or autoencoder.")] = "patchcore",
+    folds: Annotated[int, typer.Option(help="Folds for the threshold from train/good.")] = 5,
+    target_fpr: Annotated[float, typer.Option(help="Target false-positive rate for the threshold.")] = 0.01,
+    report: Annotated[Optional[Path], typer.Option(help="Write a markdown + HTML report with heatmaps here.")] = None,
+    scale: Annotated[Optional[float], typer.Option(help="Index scale (default: the engine's).")] = None,
+    tile_size: Annotated[Optional[int], typer.Option(help="Tile side (default: the engine's).")] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="timm backbone (default: the engine's).")] = None,
+    workdir: Annotated[Optional[Path], typer.Option(help="Where the temporary indexes go.")] = None,
+    as_json: JsonFlag = False,
+):
+    """Measure accuracy on labelled data: a fresh index per category from train/good, every test image scored."""
+    from .evaluation.datasets import category_names, load_category
+    from .evaluation.runner import METHODS, evaluate_category, mean_row
+    from .report import eval_table_rows, markdown_table, write_eval_report
+
+    if method not in METHODS:
+        fail(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    settings = {k: v for k, v in dict(scale=scale, tile_size=tile_size, backbone=backbone).items() if v is not None}
+    results = []
+    with user_errors():
+        names = category_names(dataset)
+        unknown = sorted(set(category or []) - set(names))
+        if unknown:
+            raise ValueError(f"no such categories in {dataset}: {unknown}; found {names}")
+        names = [n for n in names if not category or n in category]
+        for position, name in enumerate(names, 1):
+            cat = load_category(dataset, name)
+            err.print(f"[{position}/{len(names)}] {name}: {len(cat.train)} train, {len(cat.test)} test images",
+                      highlight=False)
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=err, transient=True, disable=not err.is_terminal) as bar:
+                tasks: dict[str, int] = {}
+
+                def update(stage: str, done: int, total: int) -> None:
+                    if stage not in tasks:
+                        tasks[stage] = bar.add_task(f"{name} {stage}", total=total)
+                    bar.update(tasks[stage], completed=done, total=total)
+                result = evaluate_category(cat, method=method, settings=settings, folds=folds, target_fpr=target_fpr,
+                                           workdir=workdir, progress=update)
+            results.append(result)
+            if as_json:
+                emit_json(result.to_dict())
+            else:
+                err.print("  " + "  ".join(f"{k} {v}" for k, v in eval_table_rows([result])[0].items()
+                                          if k != "category"), highlight=False)
+    mean = mean_row(results)
+    if as_json:
+        emit_json({"category": "mean", "method": method, **mean})
+    else:
+        out.print(f"simsearch eval: {dataset} ({method})")
+        for line in markdown_table(eval_table_rows(results, mean)):
+            out.print(line, markup=False)
+    if report is not None:
+        written = write_eval_report(results, mean, report, title=f"simsearch eval: {dataset} ({method})")
+        err.print(f"report: {written}", highlight=False)
 
 
 def main() -> None:

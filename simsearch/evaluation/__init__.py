@@ -1,0 +1,1 @@
+"""Measuring accuracy: MVTec-layout datasets, metrics, baselines."""

@@ -1,0 +1,206 @@
+"""`simsearch eval`: measure a method on MVTec-layout data, the way anomalib does, with no test leakage.
+
+Per category: a fresh index from all of train/good; the image threshold from cross-scoring train/good
+(k folds, each scored against a bank built without it, then the same order-statistics rule as
+`simsearch calibrate`); every test image scored; metrics from `metrics.py` at the masks' resolution.
+"""
+from __future__ import annotations
+
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from sqlalchemy import select
+
+from ..calibration import threshold_for_fpr
+from ..engine import Engine
+from ..store.catalog import vectors as vectors_table
+from ..store.vectors import VectorIndex, choose_kind
+from . import metrics
+from .baselines import BASELINES
+from .datasets import Category, load_category, load_mask
+
+METHODS = ("patchcore", *BASELINES)
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class CategoryResult:
+    category: str
+    method: str
+    n_train: int
+    n_test_good: int
+    n_test_defect: int
+    image_auroc: float | None
+    pixel_auroc: float | None
+    aupro: float | None
+    threshold: float
+    f1_at_threshold: float | None
+    best_f1: float | None
+    fpr_good: float | None  # on test/good at the calibrated threshold
+    target_fpr: float
+    expected_fpr: float  # what the threshold rule promises with this many cross-scores
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float = 0.0
+    # Kept for the report, not for JSON: (path, label, score, map) of every test image.
+    cases: list = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "cases"}
+        return d
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _per_image_vectors(engine: Engine) -> dict[int, np.ndarray]:
+    """image id -> (n, D) bank vectors of that image."""
+    ids, vecs = engine.bank.all_vectors()
+    order = np.argsort(ids)
+    ids, vecs = ids[order], vecs[order]
+    with engine.catalog.engine.connect() as conn:
+        rows = np.asarray(conn.execute(select(vectors_table.c.id, vectors_table.c.image_id)).all(), dtype=np.int64)
+    owners = rows[np.searchsorted(rows[:, 0], ids), 1] if len(rows) else np.zeros(0, np.int64)
+    out: dict[int, np.ndarray] = {}
+    for image_id in np.unique(owners):
+        out[int(image_id)] = vecs[owners == image_id]
+    return out
+
+
+def cross_scores(engine: Engine, folds: int, progress: Progress | None = None) -> np.ndarray:
+    """Image scores of every bank image against a bank built without its fold. (N,) float."""
+    per_image = _per_image_vectors(engine)
+    image_ids = sorted(per_image)
+    folds = max(2, min(folds, len(image_ids)))
+    scores = np.zeros(len(image_ids), dtype=np.float64)
+    fold_of = np.arange(len(image_ids)) % folds
+    for f in range(folds):
+        if progress:
+            progress("threshold", f, folds)
+        rest = [per_image[i] for i, fo in zip(image_ids, fold_of) if fo != f]
+        bank_vectors = np.concatenate(rest)
+        kind = choose_kind(engine.config.index_kind, len(bank_vectors))
+        bank = VectorIndex.flat(bank_vectors.shape[1]) if kind == "flat" else VectorIndex.ivf_flat(bank_vectors)
+        bank.add(bank_vectors, np.arange(len(bank_vectors)))
+        for pos in np.flatnonzero(fold_of == f):
+            distances, _ = bank.search(per_image[image_ids[pos]], engine.config.k_neighbours)
+            scores[pos] = float(distances.mean(axis=1).max())
+    if progress:
+        progress("threshold", folds, folds)
+    return scores
+
+
+def _score_tests(category: Category, score: Callable, progress: Progress | None) -> list[tuple]:
+    """(sample, score, map or None) for every test image."""
+    out = []
+    for i, sample in enumerate(category.test):
+        if progress:
+            progress("test", i, len(category.test))
+        value, amap = score(sample.path)
+        out.append((sample, float(value), amap))
+    if progress:
+        progress("test", len(category.test), len(category.test))
+    return out
+
+
+def _run_patchcore(category: Category, settings: dict, folds: int, workdir, progress, seconds: dict):
+    with tempfile.TemporaryDirectory(prefix=f"simsearch-eval-{category.name}-", dir=workdir) as tmp:
+        start = time.perf_counter()
+        engine = Engine.create(Path(tmp) / "index", **settings)
+        engine.add([str(p) for p in category.train],
+                   progress=(lambda d, t, _m: progress("build", d, t)) if progress else None)
+        seconds["build"] = time.perf_counter() - start
+        start = time.perf_counter()
+        train_scores = cross_scores(engine, folds, progress)
+        seconds["threshold"] = time.perf_counter() - start
+        start = time.perf_counter()
+
+        def score(path):
+            result = engine.query(str(path))
+            return result.score, result.anomaly_map
+        tests = _score_tests(category, score, progress)
+        engine.close()
+        seconds["test"] = time.perf_counter() - start
+    return train_scores, tests
+
+
+def _run_detector(make: Callable, category: Category, folds: int, progress, seconds: dict):
+    """A baseline: fit on train/good; the threshold from k refits, each scoring the fold it left out."""
+    start = time.perf_counter()
+    detector = make()
+    detector.fit(category.train)
+    seconds["build"] = time.perf_counter() - start
+    start = time.perf_counter()
+    folds = max(2, min(folds, len(category.train)))
+    fold_of = np.arange(len(category.train)) % folds
+    train_scores = np.zeros(len(category.train))
+    for f in range(folds):
+        if progress:
+            progress("threshold", f, folds)
+        held = np.flatnonzero(fold_of == f)
+        fold_detector = make()
+        fold_detector.fit([p for p, fo in zip(category.train, fold_of) if fo != f])
+        for pos in held:
+            train_scores[pos] = fold_detector.score(category.train[pos])[0]
+    seconds["threshold"] = time.perf_counter() - start
+    start = time.perf_counter()
+    tests = _score_tests(category, detector.score, progress)
+    seconds["test"] = time.perf_counter() - start
+    return train_scores, tests
+
+
+def evaluate_category(category: Category, *, method: str = "patchcore", settings: dict | None = None,
+                      folds: int = 5, target_fpr: float = 0.01, workdir: str | Path | None = None,
+                      progress: Progress | None = None) -> CategoryResult:
+    """One method on one category. `settings`: IndexConfig overrides for the engine's fresh index."""
+    seconds: dict[str, float] = {}
+    if method == "patchcore":
+        train_scores, tests = _run_patchcore(category, settings or {}, folds, workdir, progress, seconds)
+    elif method in BASELINES:
+        train_scores, tests = _run_detector(BASELINES[method], category, folds, progress, seconds)
+    else:
+        raise ValueError(f"unknown method {method!r}; available: {METHODS}")
+    choice = threshold_for_fpr(train_scores, target_fpr)
+
+    start = time.perf_counter()
+    labels = np.asarray([sample.label for sample, _, _ in tests])
+    scores = np.asarray([score for _, score, _ in tests])
+    with_maps = category.has_masks and all(amap is not None for _, _, amap in tests)
+    masks = [load_mask(sample, amap.shape) for sample, _, amap in tests] if with_maps else []
+    maps = [amap for _, _, amap in tests] if with_maps else []
+    at = metrics.f1_at(labels, scores, choice.threshold)
+    result = CategoryResult(
+        category=category.name, method=method, n_train=len(category.train),
+        n_test_good=int((labels == 0).sum()), n_test_defect=int(labels.sum()),
+        image_auroc=metrics.image_auroc(labels, scores),
+        pixel_auroc=metrics.pixel_auroc(masks, maps) if with_maps else None,
+        aupro=metrics.aupro(masks, maps, max_fpr=0.3) if with_maps else None,
+        threshold=choice.threshold, f1_at_threshold=at["f1"],
+        best_f1=metrics.best_f1(labels, scores)[0] if 0 < labels.sum() < len(labels) else None,
+        fpr_good=at["fpr_good"], target_fpr=target_fpr, expected_fpr=choice.expected_fpr,
+        cases=[(str(sample.path), sample.label, score, amap) for sample, score, amap in tests])
+    seconds["metrics"] = time.perf_counter() - start
+    result.seconds = {k: round(v, 2) for k, v in seconds.items()}
+    result.peak_rss_mib = round(peak_rss_mib(), 1)
+    return result
+
+
+def mean_row(results: list[CategoryResult]) -> dict:
+    """Means over categories of each metric (categories without a value are left out of that mean)."""
+    keys = ("image_auroc", "pixel_auroc", "aupro", "f1_at_threshold", "best_f1", "fpr_good")
+    out = {}
+    for key in keys:
+        values = [getattr(r, key) for r in results if getattr(r, key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    out["seconds"] = round(sum(sum(r.seconds.values()) for r in results), 1)
+    return out
+
+
+def evaluate(root: str | Path, categories: list[str], **kwargs) -> list[CategoryResult]:
+    return [evaluate_category(load_category(root, name), **kwargs) for name in categories]
