@@ -31,6 +31,10 @@ out = Console(highlight=False, soft_wrap=True)  # results are never re-wrapped
 
 IndexDir = Annotated[Path, typer.Option("--index", envvar="SIMSEARCH_INDEX", help="Index directory.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+# Embedder options shared by `index add` (fixed at creation) and `eval` (for its fresh indexes).
+BackboneOpt = Annotated[Optional[str], typer.Option(help="timm model name (default tf_efficientnet_lite1).")]
+ScaleOpt = Annotated[Optional[float], typer.Option(help="Resize factor applied before tiling (default 1.0).")]
+TileSizeOpt = Annotated[Optional[int], typer.Option(help="Tile side in pixels, a multiple of 32 (default 256).")]
 USER_ERRORS = (SimsearchError, ImageError, BackboneError, SchemaError, ValueError)
 
 
@@ -48,14 +52,24 @@ def user_errors():
 
 
 @contextmanager
-def progress_bar(description: str):
+def staged_progress(prefix: str = ""):
+    """Progress bars on stderr (only on a terminal): update(stage, done, total), one bar per stage."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task(description, total=None)
+        tasks: dict[str, int] = {}
 
-        def update(done: int, total: int, _message: str) -> None:
-            bar.update(task, completed=done, total=total)
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"{prefix}{stage}", total=total)
+            bar.update(tasks[stage], completed=done, total=total)
         yield update
+
+
+@contextmanager
+def progress_bar(description: str):
+    """One bar; update(done, total, message) as the engine calls it."""
+    with staged_progress() as update:
+        yield lambda done, total, _message: update(description, done, total)
 
 
 def emit_json(obj) -> None:
@@ -69,10 +83,10 @@ def index_add(
     index: IndexDir = Path("index"),
     holdout: Annotated[float, typer.Option(help="Fraction kept out of the bank for calibration.")] = 0.0,
     coreset: Annotated[Optional[float], typer.Option(help="Keep this fraction of new patch vectors.")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="timm model name (new index only).")] = None,
+    backbone: BackboneOpt = None,
     weights: Annotated[Optional[str], typer.Option(help="Local weights file: .safetensors or .pth.")] = None,
-    scale: Annotated[Optional[float], typer.Option(help="Resize factor applied before tiling.")] = None,
-    tile_size: Annotated[Optional[int], typer.Option(help="Tile side in pixels (multiple of 32).")] = None,
+    scale: ScaleOpt = None,
+    tile_size: TileSizeOpt = None,
     tile_stride: Annotated[Optional[int], typer.Option(help="Tile step in pixels.")] = None,
     dims: Annotated[Optional[int], typer.Option(help="Reduce patch vectors to this many dimensions.")] = None,
     index_kind: Annotated[Optional[str], typer.Option(help="auto, flat or ivf-flat.")] = None,
@@ -229,9 +243,9 @@ def eval_command(
     folds: Annotated[int, typer.Option(help="Folds for the threshold from train/good.")] = 5,
     target_fpr: Annotated[float, typer.Option(help="Target false-positive rate for the threshold.")] = 0.01,
     report: Annotated[Optional[Path], typer.Option(help="Write a markdown + HTML report with heatmaps here.")] = None,
-    scale: Annotated[Optional[float], typer.Option(help="Index scale (default: the engine's).")] = None,
-    tile_size: Annotated[Optional[int], typer.Option(help="Tile side (default: the engine's).")] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="timm backbone (default: the engine's).")] = None,
+    scale: ScaleOpt = None,
+    tile_size: TileSizeOpt = None,
+    backbone: BackboneOpt = None,
     workdir: Annotated[Optional[Path], typer.Option(help="Where the temporary indexes go.")] = None,
     as_json: JsonFlag = False,
 ):
@@ -254,14 +268,7 @@ def eval_command(
             cat = load_category(dataset, name)
             err.print(f"[{position}/{len(names)}] {name}: {len(cat.train)} train, {len(cat.test)} test images",
                       highlight=False)
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                          console=err, transient=True, disable=not err.is_terminal) as bar:
-                tasks: dict[str, int] = {}
-
-                def update(stage: str, done: int, total: int) -> None:
-                    if stage not in tasks:
-                        tasks[stage] = bar.add_task(f"{name} {stage}", total=total)
-                    bar.update(tasks[stage], completed=done, total=total)
+            with staged_progress(f"{name} ") as update:
                 result = evaluate_category(cat, method=method, settings=settings, folds=folds, target_fpr=target_fpr,
                                            workdir=workdir, progress=update)
             results.append(result)
