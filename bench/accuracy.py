@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/accuracy.py                       # all methods, both datasets
     .venv/bin/python bench/accuracy.py --methods patchcore --datasets piped
+    .venv/bin/python bench/accuracy.py --ablation --datasets piped     # one-change variants of the engine
 
 Each (method, dataset, category) result is cached as JSON under bench/.cache/accuracy/, so a run that is
 cut off resumes where it stopped; delete the cache (or pass --fresh) to measure again. The markdown is
@@ -24,29 +25,47 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_at_threshold", "best_f1", 
 HEADERS = ("image AUROC", "pixel AUROC", "AUPRO@0.3", "F1@thr", "best F1", "FPR good (target 0.01)")
 
 
+# One change at a time from the engine's defaults (IndexConfig fields), for choosing those defaults.
+ABLATION = {
+    "scale=0.5": {"scale": 0.5},
+    "scale=2": {"scale": 2.0},
+    "lite0": {"backbone": "tf_efficientnet_lite0"},
+    "lite2": {"backbone": "tf_efficientnet_lite2"},
+    "strides=4,8": {"layers": (1, 2)},
+    "k=3": {"k_neighbours": 3},
+    "neighbourhood=1": {"neighbourhood": 1},
+    "neighbourhood=5": {"neighbourhood": 5},
+    "margin=0": {"context_margin": 0},
+    "blur=2": {"blur_sigma": 2.0},
+}
+
+
 def cache_file(method: str, dataset: str, category: str) -> Path:
     return CACHE / method / dataset / f"{category}.json"
 
 
-def run_missing(methods: list[str], datasets: list[str], fresh: bool) -> None:
+def run_missing(methods: list[str], datasets: list[str], fresh: bool, variants: dict[str, dict] | None = None) -> None:
     from simsearch.evaluation.datasets import category_names, load_category
     from simsearch.evaluation.runner import evaluate_category
 
-    for dataset in datasets:
-        root = DATASETS / dataset
-        for method in methods:
+    jobs = [(m, m, None) for m in methods] if variants is None else \
+        [(f"patchcore:{name}", "patchcore", settings) for name, settings in variants.items()]
+    for label, method, settings in jobs:
+        for dataset in datasets:
+            root = DATASETS / dataset
             for name in category_names(root):
-                path = cache_file(method, dataset, name)
+                path = cache_file(label, dataset, name)
                 if path.exists() and not fresh:
                     continue
                 start = time.perf_counter()
-                result = evaluate_category(load_category(root, name), method=method)
-                record = result.to_dict() | {"dataset": dataset, "wall_seconds": round(time.perf_counter() - start, 1)}
+                result = evaluate_category(load_category(root, name), method=method, settings=settings)
+                record = result.to_dict() | {"dataset": dataset, "method": label,
+                                             "wall_seconds": round(time.perf_counter() - start, 1)}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(record, indent=1))
                 os.replace(tmp, path)
-                print(f"{dataset}/{name} {method}: image AUROC {record['image_auroc']} "
+                print(f"{dataset}/{name} {label}: image AUROC {record['image_auroc']} "
                       f"({record['wall_seconds']} s)", flush=True)
                 write_markdown()
 
@@ -56,15 +75,36 @@ def _mean(values: list) -> str:
     return f"{sum(values) / len(values):.4f}" if values else "-"
 
 
+def anomalib_records() -> list[dict]:
+    """anomalib PatchCore results (bench/anomalib_all.sh), in this script's record shape."""
+    out = []
+    for path in sorted((ROOT / "bench" / ".cache" / "anomalib").glob("*/*/*.json")):
+        r = json.loads(path.read_text())
+        norm, dataset, category = path.parts[-3], path.parts[-2], path.stem
+        out.append({"dataset": dataset, "category": category, "method": f"anomalib-patchcore ({norm} norm)",
+                    "image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"], "aupro": r["aupro_0.3"],
+                    "f1_at_threshold": None, "best_f1": None, "fpr_good": None,
+                    "wall_seconds": r["fit_seconds"] + r["predict_seconds"]})
+    return out
+
+
 def write_markdown() -> None:
-    records = [json.loads(p.read_text()) for p in sorted(CACHE.glob("*/*/*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted(CACHE.glob("*/*/*.json"))] + anomalib_records()
     lines = ["# Benchmarks", "",
              f"Machine: {os.cpu_count()} CPU cores, {platform.machine()}, no GPU; Python {platform.python_version()}.",
              "Command: `.venv/bin/python bench/accuracy.py` (resumable; per-category results cached in "
              "`bench/.cache/accuracy/`). Every method sees the same images; thresholds come from k-fold "
-             "cross-scoring of train/good (5 folds), never from test. Means are over categories.", ""]
+             "cross-scoring of train/good (5 folds), never from test. Means are over categories; a method "
+             "whose `categories` count is short of the dataset's has not finished its run yet.",
+             "anomalib rows: `bash bench/anomalib_all.sh` (anomalib 2.7 in its own venv, its Folder datamodule and "
+             "default pre-processing: resize to 256 x 256, no crop; the same EfficientNet-Lite1 weights injected; "
+             "its min-max normalisation off, so scores are raw distances; coreset ratio 0.1 on PIPED and 0.01 on "
+             "Magnetic Tile; maps resized back to each image and scored by `simsearch.evaluation.metrics`). "
+             "anomalib has no threshold of its own here, so its F1 and FPR cells are empty; its run time is "
+             "fit + predict.", ""]
     for dataset in sorted({r["dataset"] for r in records}):
-        rows = [r for r in records if r["dataset"] == dataset]
+        all_rows = [r for r in records if r["dataset"] == dataset]
+        rows = [r for r in all_rows if ":" not in r["method"]]
         lines += [f"## {dataset}", "", "| method | categories | " + " | ".join(HEADERS) + " | run time |",
                   "|---|---|" + "---|" * len(HEADERS) + "---|"]
         for method in sorted({r["method"] for r in rows}, key=lambda m: (m != "patchcore", m)):
@@ -82,6 +122,16 @@ def write_markdown() -> None:
                 lines.append(f"| {c} | " + " | ".join(
                     f"{by[(m, c)]['image_auroc']:.4f}" if (m, c) in by and by[(m, c)]["image_auroc"] is not None
                     else "-" for m in methods) + " |")
+        variants = [r for r in all_rows if ":" in r["method"] or r["method"] == "patchcore"]
+        if any(":" in r["method"] for r in variants):
+            lines += ["", f"Ablation on {dataset} (engine defaults, then one change each; "
+                      "`bench/accuracy.py --ablation`):", "",
+                      "| variant | categories | image AUROC | pixel AUROC | AUPRO@0.3 | run time |", "|---|---|---|---|---|---|"]
+            for method in sorted({r["method"] for r in variants}, key=lambda m: (m != "patchcore", m)):
+                mine = [r for r in variants if r["method"] == method]
+                cells = [_mean([r[m] for r in mine]) for m in ("image_auroc", "pixel_auroc", "aupro")]
+                lines.append(f"| {method} | {len(mine)} | " + " | ".join(cells)
+                             + f" | {sum(r['wall_seconds'] for r in mine) / 60:.1f} min |")
         lines.append("")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text("\n".join(lines) + "\n")
@@ -94,8 +144,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--datasets", nargs="+", default=["piped", "magnetic_tile"])
     parser.add_argument("--fresh", action="store_true", help="measure again even where a cached result exists")
+    parser.add_argument("--ablation", nargs="*", metavar="VARIANT",
+                        help=f"run engine variants instead of methods (all, or some of: {', '.join(ABLATION)})")
     args = parser.parse_args()
-    run_missing(args.methods, args.datasets, args.fresh)
+    variants = None
+    if args.ablation is not None:
+        variants = {k: v for k, v in ABLATION.items() if not args.ablation or k in args.ablation}
+    run_missing(args.methods, args.datasets, args.fresh, variants)
     write_markdown()
     print(f"wrote {OUT}")
 

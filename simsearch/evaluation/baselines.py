@@ -113,7 +113,7 @@ class ConvAutoencoder:
     name = "autoencoder"
     size = 128
 
-    def __init__(self, steps: int = 400, batch: int = 16, seed: int = 0, blur_sigma: float = 4.0):
+    def __init__(self, steps: int = 200, batch: int = 16, seed: int = 0, blur_sigma: float = 4.0):
         self.steps, self.batch, self.seed, self.blur_sigma = steps, batch, seed, blur_sigma
         self.model: _ConvAE | None = None
 
