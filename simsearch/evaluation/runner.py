@@ -65,12 +65,14 @@ def _per_image_vectors(engine: Engine) -> dict[int, np.ndarray]:
     order = np.argsort(ids)
     ids, vecs = ids[order], vecs[order]
     with engine.catalog.engine.connect() as conn:
-        rows = np.asarray(conn.execute(select(vectors_table.c.id, vectors_table.c.image_id)).all(), dtype=np.int64)
+        rows = np.asarray(conn.execute(select(vectors_table.c.id, vectors_table.c.image_id)
+                                       .order_by(vectors_table.c.id)).all(), dtype=np.int64)
     owners = rows[np.searchsorted(rows[:, 0], ids), 1] if len(rows) else np.zeros(0, np.int64)
-    out: dict[int, np.ndarray] = {}
-    for image_id in np.unique(owners):
-        out[int(image_id)] = vecs[owners == image_id]
-    return out
+    # Group by owner with one stable sort (vectors keep their id order within an image).
+    by_owner = np.argsort(owners, kind="stable")
+    image_ids, starts = np.unique(owners[by_owner], return_index=True)
+    groups = np.split(vecs[by_owner], starts[1:])
+    return {int(i): g for i, g in zip(image_ids, groups)}
 
 
 def cross_scores(engine: Engine, folds: int, progress: Progress | None = None) -> np.ndarray:
