@@ -34,6 +34,8 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output 
 # Embedder options shared by `index add` (fixed at creation) and `eval` (for its fresh indexes).
 BackboneOpt = Annotated[Optional[str], typer.Option(help="timm model name (default tf_efficientnet_lite1).")]
 ScaleOpt = Annotated[Optional[float], typer.Option(help="Resize factor applied before tiling (default 1.0).")]
+ShortSideOpt = Annotated[Optional[int], typer.Option(help="Resize each image so its shorter side has this many "
+                                                      "pixels (instead of --scale).")]
 TileSizeOpt = Annotated[Optional[int], typer.Option(help="Tile side in pixels, a multiple of 32 (default 256).")]
 USER_ERRORS = (SimsearchError, ImageError, BackboneError, SchemaError, ValueError)
 
@@ -86,14 +88,16 @@ def index_add(
     backbone: BackboneOpt = None,
     weights: Annotated[Optional[str], typer.Option(help="Local weights file: .safetensors or .pth.")] = None,
     scale: ScaleOpt = None,
+    short_side: ShortSideOpt = None,
     tile_size: TileSizeOpt = None,
     tile_stride: Annotated[Optional[int], typer.Option(help="Tile step in pixels.")] = None,
     dims: Annotated[Optional[int], typer.Option(help="Reduce patch vectors to this many dimensions.")] = None,
-    index_kind: Annotated[Optional[str], typer.Option(help="auto, flat or ivf-flat.")] = None,
+    index_kind: Annotated[Optional[str], typer.Option(help="auto, flat, ivf-flat, ivf-sq8 or ivf-pq.")] = None,
     as_json: JsonFlag = False,
 ):
     """Add good images to the bank (creates the index on first use)."""
-    options = {k: v for k, v in dict(backbone=backbone, weights=weights, scale=scale, tile_size=tile_size,
+    options = {k: v for k, v in dict(backbone=backbone, weights=weights, scale=scale, short_side=short_side,
+                                     tile_size=tile_size,
                                      tile_stride=tile_stride, dims=dims, index_kind=index_kind).items()
                if v is not None}
     dir_existed, index_existed = index.exists(), Engine.exists(index)
@@ -117,12 +121,17 @@ def index_add(
         out.print(f"  skipped {path}: {reason}")
 
 
+def on_index(index: Path, action):
+    """Open the index, run `action(engine)` and return its result; user errors become one line and exit 1."""
+    with user_errors():
+        with Engine.open(index) as engine:
+            return action(engine)
+
+
 @index_app.command("info")
 def index_info(index: IndexDir = Path("index"), as_json: JsonFlag = False):
     """Show the index's configuration, contents and calibration."""
-    with user_errors():
-        with Engine.open(index) as engine:
-            info = engine.info()
+    info = on_index(index, Engine.info)
     if as_json:
         emit_json(info)
         return
@@ -141,14 +150,45 @@ def index_info(index: IndexDir = Path("index"), as_json: JsonFlag = False):
 def index_remove(refs: Annotated[list[str], typer.Argument(help="Image paths or sha256 (prefix of >= 8).")],
                  index: IndexDir = Path("index"), as_json: JsonFlag = False):
     """Remove images (their vectors and rows go together)."""
-    with user_errors():
-        with Engine.open(index) as engine:
-            result = engine.remove(refs)
+    result = on_index(index, lambda engine: engine.remove(refs))
     if as_json:
         emit_json(result)
     else:
         out.print(f"removed {len(result['removed'])} images ({result['vectors_removed']} vectors); "
                   f"bank generation {result['generation']}")
+
+
+@index_app.command("check")
+def index_check(index: IndexDir = Path("index"), as_json: JsonFlag = False):
+    """Compare the catalog with the FAISS files; exit 1 if they disagree. Changes nothing."""
+    report = on_index(index, Engine.check)
+    if as_json:
+        emit_json(report)
+    else:
+        out.print(f"generation {report['generation']}: {report['catalog_vectors']} vectors in the catalog, "
+                  f"{report['bank_vectors']} in the bank, {report['reference_images']} reference images")
+        for problem in report["problems"]:
+            out.print(f"  problem: {problem}")
+        out.print("consistent" if report["ok"] else "inconsistent: run `simsearch index repair`")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@index_app.command("repair")
+def index_repair(index: IndexDir = Path("index"), as_json: JsonFlag = False):
+    """Make the FAISS files agree with the catalog (re-embedding from the image files where needed)."""
+    with user_errors():
+        with Engine.open(index) as engine, progress_bar("re-embedding") as update:
+            result = engine.repair(progress=update)
+    if as_json:
+        emit_json(result)
+    else:
+        for action in result["actions"] or ["nothing to repair"]:
+            out.print(action)
+        out.print("consistent" if result["after"]["ok"] else
+                  "still inconsistent: " + "; ".join(result["after"]["problems"]))
+    if not result["after"]["ok"]:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -244,6 +284,7 @@ def eval_command(
     target_fpr: Annotated[float, typer.Option(help="Target false-positive rate for the threshold.")] = 0.01,
     report: Annotated[Optional[Path], typer.Option(help="Write a markdown + HTML report with heatmaps here.")] = None,
     scale: ScaleOpt = None,
+    short_side: ShortSideOpt = None,
     tile_size: TileSizeOpt = None,
     backbone: BackboneOpt = None,
     workdir: Annotated[Optional[Path], typer.Option(help="Where the temporary indexes go.")] = None,
@@ -256,7 +297,8 @@ def eval_command(
 
     if method not in METHODS:
         fail(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    settings = {k: v for k, v in dict(scale=scale, tile_size=tile_size, backbone=backbone).items() if v is not None}
+    settings = {k: v for k, v in dict(scale=scale, short_side=short_side, tile_size=tile_size,
+                                      backbone=backbone).items() if v is not None}
     results = []
     with user_errors():
         names = category_names(dataset)

@@ -17,8 +17,8 @@ PIPELINE_VERSION = 1
 
 DEFAULT_BACKBONE = "tf_efficientnet_lite1"
 
-# Field -> value meaning "what the code did before this field existed" (none yet: schema 1).
-LEGACY_DEFAULTS: dict[str, object] = {}
+# Field -> value meaning "what the code did before this field existed".
+LEGACY_DEFAULTS: dict[str, object] = {"short_side": None, "image_top_k": 1}
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,10 @@ class IndexConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
-    # Every image is resized by this factor before tiling (1.0 = native resolution).
+    # Every image is resized by this factor before tiling (1.0 = native resolution)...
     scale: float = 1.0
+    # ...unless this is set: then each image is resized so that its shorter side has this many pixels.
+    short_side: int | None = None
     tile_size: int = 256
     tile_stride: int = 192
     # Reflected context around the image, so the backbone's zero padding never touches its border cells.
@@ -48,14 +50,17 @@ class IndexConfig:
     metric: str = "l2"
     pipeline_version: int = PIPELINE_VERSION
     # Search and scoring settings: they do not change vectors, so they are not in the fingerprint.
-    index_kind: str = "auto"  # "auto" (exact while small, IVF when large), "flat" or "ivf-flat"
+    index_kind: str = "auto"  # "auto" (exact while small, IVF when large) or a kind in store.vectors.KINDS
     k_neighbours: int = 1
+    image_top_k: int = 1  # the image score is the mean of this many highest patch scores
     blur_sigma: float = 4.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scale <= 0:
             raise ValueError(f"scale must be > 0, got {self.scale}")
+        if self.short_side is not None and self.short_side < 32:
+            raise ValueError(f"short side must be >= 32 px, got {self.short_side}")
         if self.tile_size % 32 or self.tile_size < 32:
             raise ValueError(f"tile size must be a positive multiple of 32, got {self.tile_size}")
         if not 0 < self.tile_stride <= self.tile_size:
@@ -70,16 +75,27 @@ class IndexConfig:
             raise ValueError(f"dims must be >= 1, got {self.dims}")
         if self.metric != "l2":
             raise ValueError(f"only the l2 metric is supported, got {self.metric!r}")
-        if self.index_kind not in ("auto", "flat", "ivf-flat"):
-            raise ValueError(f"index kind must be auto, flat or ivf-flat, got {self.index_kind!r}")
+        from .store.vectors import KINDS
+        if self.index_kind not in KINDS:
+            raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {self.index_kind!r}")
+        if self.image_top_k < 1:
+            raise ValueError(f"image top k must be >= 1, got {self.image_top_k}")
         if self.k_neighbours < 1:
             raise ValueError(f"k must be >= 1, got {self.k_neighbours}")
+
+    def scale_for(self, height: int, width: int) -> float:
+        """The resize factor applied to an image of (height, width) before tiling."""
+        return self.short_side / min(height, width) if self.short_side else self.scale
 
     def embedder_fields(self) -> dict:
         """The settings that decide the vectors (the fingerprint's content)."""
         d = self.to_dict()
-        for key in ("index_kind", "k_neighbours", "blur_sigma", "extra", "weights"):
+        for key in ("index_kind", "k_neighbours", "image_top_k", "blur_sigma", "extra", "weights"):
             d.pop(key)
+        # A field left at its legacy value is omitted, so fingerprints made before it existed still match.
+        for key, legacy in LEGACY_DEFAULTS.items():
+            if d.get(key) == legacy:
+                d.pop(key)
         return d
 
     @property

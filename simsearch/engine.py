@@ -25,12 +25,14 @@ from . import __version__
 from .backbones import EMBEDDED, Backbone, build_backbone, file_sha256, layers_for_strides
 from .calibration import f1_best_threshold, threshold_for_fpr
 from .config import DEFAULT_BACKBONE, IndexConfig
-from .coreset import greedy_coreset
+from .coreset import coreset_size, greedy_coreset
 from .features import Embedder, PatchGrid
 from .images import Image, ImageError, decode, expand_paths, load_image
 from .scoring import find_regions, image_score, patch_scores, region_level, similarity_from_score, smooth
+from .faults import crash_point
+from .store import bankfiles
 from .store.catalog import Catalog
-from .store.vectors import VectorIndex, choose_kind
+from .store.vectors import VectorIndex, choose_kind, fsync_directory
 from .tiling import grid_to_image
 
 Progress = Callable[[int, int, str], None]
@@ -113,8 +115,6 @@ class Calibration:
 
 class Engine:
     DB = "meta.sqlite"
-    PATCHES = "patches.faiss"
-    POOLED = "images.faiss"
 
     def __init__(self, directory: Path, catalog: Catalog, config: IndexConfig):
         self.directory = directory
@@ -166,9 +166,15 @@ class Engine:
                              mean=net.mean, std=net.std, interpolation=net.interpolation, layers=layers,
                              patch_stride=net.reductions[0], **settings)
         config = config.replace(feature_dim=config.dims or sum(net.channels))
-        catalog = Catalog(directory / cls.DB)
-        catalog.write_config(config, __version__)
-        engine = cls(directory, catalog, config)
+        # Written under a temporary name and renamed: an index either exists with its configuration or not at all.
+        tmp_db = directory / (cls.DB + ".creating")
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(tmp_db) + suffix).unlink(missing_ok=True)
+        with Catalog(tmp_db) as catalog:
+            catalog.write_config(config, __version__)
+        os.replace(tmp_db, directory / cls.DB)
+        fsync_directory(directory)
+        engine = cls(directory, Catalog(directory / cls.DB), config)
         engine._embedder = Embedder(config, net)
         return engine
 
@@ -207,8 +213,10 @@ class Engine:
                 counts = catalog.counts()
             if counts["reference_images"] or counts["calibration_images"]:
                 return
-        for name in (cls.DB, cls.DB + "-wal", cls.DB + "-shm", ".lock", cls.PATCHES, cls.POOLED):
+        for name in (cls.DB, cls.DB + "-wal", cls.DB + "-shm", ".lock"):
             (directory / name).unlink(missing_ok=True)
+        for path in [*directory.glob("patches*.faiss*"), *directory.glob("images*.faiss*")]:
+            path.unlink(missing_ok=True)
         shutil.rmtree(directory / "weights", ignore_errors=True)
         if remove_directory:
             with contextlib.suppress(OSError):
@@ -260,16 +268,27 @@ class Engine:
         return self._embedder
 
     def _load_banks(self) -> None:
-        generation = self.catalog.state()["generation"]
-        if self._bank is not None and self._bank_generation == generation:
+        """The banks of the catalog's current generation (reloaded when a writer has moved it on)."""
+        for _attempt in range(5):
+            generation = self.catalog.state()["generation"]
+            if self._bank is not None and self._bank_generation == generation:
+                return
+            try:
+                banks = bankfiles.load_generation(self.directory, generation)
+            except FileNotFoundError as exc:
+                if self.catalog.state()["generation"] != generation:
+                    continue  # a writer committed a newer generation and removed this one: read again
+                raise SimsearchError(f"{exc}; run `simsearch index repair`") from None
+            except ValueError as exc:
+                raise SimsearchError(f"{exc}; run `simsearch index repair`") from None
+            if banks is None:
+                self._bank = VectorIndex.flat(self.config.feature_dim)
+                self._pooled = VectorIndex.flat(self.config.feature_dim)
+            else:
+                self._bank, self._pooled = banks["patches"], banks["images"]
+            self._bank_generation = generation
             return
-        patches, pooled = self.directory / self.PATCHES, self.directory / self.POOLED
-        if patches.exists():
-            self._bank, self._pooled = VectorIndex.load(patches), VectorIndex.load(pooled)
-        else:
-            self._bank = VectorIndex.flat(self.config.feature_dim)
-            self._pooled = VectorIndex.flat(self.config.feature_dim)
-        self._bank_generation = generation
+        raise SimsearchError(f"{self.directory}: the bank kept changing while being read; try again")
 
     @property
     def bank(self) -> VectorIndex:
@@ -277,7 +296,7 @@ class Engine:
         return self._bank
 
     @contextlib.contextmanager
-    def _writer_lock(self):
+    def _writer_lock(self, clean: bool = True):
         """One writer at a time: an flock the kernel releases if the writer dies."""
         fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -291,6 +310,8 @@ class Engine:
                         raise SimsearchError(f"{self.directory} is being written by another process; gave up after "
                                              f"{LOCK_TIMEOUT_S:.0f} s (SIMSEARCH_LOCK_TIMEOUT)") from None
                     time.sleep(0.1)
+            if clean:  # a writer killed before its commit leaves files of a generation never committed
+                bankfiles.remove_stray(self.directory, self.catalog.state()["generation"])
             yield
         finally:
             os.close(fd)
@@ -402,20 +423,23 @@ class Engine:
         keep_masks = [np.ones(len(p[3]), dtype=bool) for p in per_image]
         if coreset is not None and coreset < 1 and per_image:
             all_new = np.concatenate([p[4] for p in per_image])
-            existing = self._bank.all_vectors()[1] if self._bank.ntotal else None
-            chosen = greedy_coreset(all_new, int(round(coreset * len(all_new))), existing=existing)
+            # Each new vector's distance to the bank: new vectors near it are picked last (never re-reads the bank).
+            near = self._bank.search(all_new, 1)[0][:, 0] if self._bank.ntotal else None
+            chosen = greedy_coreset(all_new, coreset_size(len(all_new), ratio=coreset), existing_distances=near)
             flat_mask = np.zeros(len(all_new), dtype=bool)
             flat_mask[chosen] = True
             keep_masks = np.split(flat_mask, np.cumsum([len(p[3]) for p in per_image])[:-1])
         next_id = int(state["next_vector_id"])
         new_vectors, new_ids = [], []
-        with self.catalog.engine.begin() as conn:
+        generation = state["generation"]
+        with self._bank_transaction() as conn:
             self.catalog.insert_calibration_images(conn, new_held)
             pooled_ids, pooled_vecs = [], []
             for (row, grid, boxes, table, vecs), keep in zip(per_image, keep_masks):
                 ids = np.arange(next_id, next_id + int(keep.sum()), dtype=np.int64)
                 next_id += len(ids)
                 image_id = self.catalog.insert_reference(conn, row, boxes, np.column_stack([ids, table[keep]]))
+                crash_point(f"catalog rows of {row['path']}")
                 new_vectors.append(vecs[keep])
                 new_ids.append(ids)
                 pooled_ids.append(image_id)
@@ -430,14 +454,31 @@ class Engine:
                 else:
                     self._bank.add(vectors, ids)
                 self._pooled.add(np.stack(pooled_vecs), np.asarray(pooled_ids, dtype=np.int64))
-                generation = self.catalog.bump_generation(conn, next_vector_id=next_id)
-                # FAISS files are replaced atomically just before the database commits.
-                self._bank.save(self.directory / self.PATCHES)
-                self._pooled.save(self.directory / self.POOLED)
-            else:
-                generation = state["generation"]
-        self._bank_generation = generation
+                generation = self._publish(conn, next_vector_id=next_id)
+        self._after_commit(generation)
         return n_added, generation
+
+    @contextlib.contextmanager
+    def _bank_transaction(self):
+        """One catalog transaction; its commit is the moment a change to the bank takes effect."""
+        try:
+            with self.catalog.engine.begin() as conn:
+                yield conn
+                crash_point("before commit")
+            crash_point("committed")
+        except BaseException:
+            self._bank = self._pooled = self._bank_generation = None  # they may hold the uncommitted change
+            raise
+
+    def _publish(self, conn, next_vector_id: int | None = None) -> int:
+        """Inside a bank transaction: move the catalog to the next generation and write its FAISS files."""
+        generation = self.catalog.bump_generation(conn, next_vector_id=next_vector_id)
+        bankfiles.write_generation(self.directory, generation, {"patches": self._bank, "images": self._pooled})
+        return generation
+
+    def _after_commit(self, generation: int) -> None:
+        self._bank_generation = generation
+        bankfiles.remove_stray(self.directory, generation)
 
     def remove(self, refs: Iterable[str]) -> dict:
         """Remove images by path or sha256 (prefix of >= 8 hex digits): their vectors and rows go together."""
@@ -448,7 +489,7 @@ class Engine:
                 raise SimsearchError("not in the index: " + ", ".join(missing))
             self._load_banks()
             ref_ids = [r["id"] for r in found if r["role"] == "reference"]
-            with self.catalog.engine.begin() as conn:
+            with self._bank_transaction() as conn:
                 vector_ids = self.catalog.vector_ids_of(conn, ref_ids) if ref_ids else np.zeros(0, np.int64)
                 self.catalog.delete_images(conn, [r["id"] for r in found])
                 generation = self.catalog.state(conn)["generation"]
@@ -458,10 +499,8 @@ class Engine:
                         raise SimsearchError(f"the FAISS bank held {removed} of the {len(vector_ids)} vectors of these "
                                              "images; the index needs `simsearch index repair`")
                     self._pooled.remove(np.asarray(ref_ids, dtype=np.int64))
-                    generation = self.catalog.bump_generation(conn)
-                    self._bank.save(self.directory / self.PATCHES)
-                    self._pooled.save(self.directory / self.POOLED)
-            self._bank_generation = generation
+                    generation = self._publish(conn)
+            self._after_commit(generation)
         return {"removed": [r["path"] for r in found], "vectors_removed": int(len(vector_ids)),
                 "generation": generation}
 
@@ -475,13 +514,13 @@ class Engine:
         distances, ids = bank.search(grid.features.reshape(hc * wc, -1), self.config.k_neighbours)
         scores = patch_scores(distances).reshape(hc, wc)
         amap = grid_to_image(scores, grid.layout, image.height, image.width)
-        amap = smooth(amap, self.config.blur_sigma / self.config.scale)
+        amap = smooth(amap, self.config.blur_sigma / self.config.scale_for(image.height, image.width))
         return {"grid": grid, "scores": scores, "nn_ids": ids[:, 0].reshape(hc, wc),
-                "nn_dist": distances[:, 0].reshape(hc, wc), "map": amap, "score": image_score(scores)}
+                "nn_dist": distances[:, 0].reshape(hc, wc), "map": amap, "score": image_score(scores, self.config.image_top_k)}
 
-    def default_min_region_area(self) -> int:
-        """Two by two patch cells, in original-image pixels."""
-        side = 2 * self.config.patch_stride / self.config.scale
+    def default_min_region_area(self, height: int, width: int) -> int:
+        """Two by two patch cells, in the pixels of an image of (height, width)."""
+        side = 2 * self.config.patch_stride / self.config.scale_for(height, width)
         return int(round(side * side))
 
     def current_calibration(self) -> tuple[dict | None, str | None]:
@@ -555,7 +594,6 @@ class Engine:
         """Thresholds from good images outside the bank (default: the held-out ones); see calibration.py."""
         if not 0 < target_fpr < 1:
             raise SimsearchError(f"target false-positive rate must be in (0, 1), got {target_fpr}")
-        area = int(min_region_area or self.default_min_region_area())
         if good:
             good_files, _ = expand_paths(list(good))
             in_bank = self.catalog.known_hashes([load_image(p).sha256 for p in good_files])
@@ -570,6 +608,10 @@ class Engine:
                                      "or add images with --holdout")
             good_files = [r["path"] for r in held]
         defect_files = expand_paths(list(defects))[0] if defects else []
+        if min_region_area is None:  # sized on the first good image (images of one product share a size)
+            first = load_image(good_files[0])
+            min_region_area = self.default_min_region_area(first.height, first.width)
+        area = int(min_region_area)
         total = len(good_files) + len(defect_files)
         good_scores, levels, defect_scores, new_rows = [], [], [], []
         for i, path in enumerate(good_files + defect_files):
@@ -611,6 +653,135 @@ class Engine:
                            n_good=len(good_scores), n_defect=len(defect_scores), method=method,
                            f1_threshold=f1_t, f1=f1, generation=generation)
 
+    # -- consistency ------------------------------------------------------------------------------
+    def _writer_active(self) -> bool:
+        """Whether another process holds the writer lock right now."""
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing drops our lock, if we got it
+
+    def check(self) -> dict:
+        """Compare the catalog with the FAISS files of its generation; change nothing.
+
+        `ok` is True when every vector id in the catalog is in the bank and vice versa, every reference
+        image has its pooled vector, and no stray file is left (files of a writer at work are not strays).
+        """
+        snap = self.catalog.snapshot()
+        generation = snap["generation"]
+        problems: list[str] = []
+        report = {"index": str(self.directory), "generation": generation, "catalog_vectors": len(snap["vector_ids"]),
+                  "reference_images": len(snap["reference_ids"]), "bank_vectors": None,
+                  "missing_from_bank": 0, "orphans_in_bank": 0, "missing_pooled": 0, "orphan_pooled": 0,
+                  "stray_files": [], "problems": problems}
+        try:
+            banks = bankfiles.load_generation(self.directory, generation)
+        except (FileNotFoundError, ValueError) as exc:
+            banks = None
+            problems.append(str(exc))
+        else:
+            if banks is None and len(snap["vector_ids"]):
+                problems.append(f"no bank files, but the catalog lists {len(snap['vector_ids'])} vectors")
+        if banks is not None:
+            bank_ids, pooled_ids = banks["patches"].ids(), banks["images"].ids()
+            report["bank_vectors"] = len(bank_ids)
+            pairs = {"missing_from_bank": np.setdiff1d(snap["vector_ids"], bank_ids),
+                     "orphans_in_bank": np.setdiff1d(bank_ids, snap["vector_ids"]),
+                     "missing_pooled": np.setdiff1d(snap["reference_ids"], pooled_ids),
+                     "orphan_pooled": np.setdiff1d(pooled_ids, snap["reference_ids"])}
+            for key, ids in pairs.items():
+                report[key] = int(len(ids))
+                if len(ids):
+                    problems.append(f"{key.replace('_', ' ')}: {len(ids)} ids (e.g. {int(ids[0])})")
+            if len(np.unique(bank_ids)) != len(bank_ids):
+                problems.append(f"the bank holds {len(bank_ids) - len(np.unique(bank_ids))} duplicate ids")
+        if not self._writer_active():
+            report["stray_files"] = [p.name for p in bankfiles.stray_files(self.directory, generation)]
+            if report["stray_files"]:
+                problems.append(f"{len(report['stray_files'])} stray bank files (left by an interrupted writer)")
+        report["ok"] = not problems
+        return report
+
+    def repair(self, progress: Progress | None = None) -> dict:
+        """Bring the FAISS files back in line with the catalog, which is the source of truth.
+
+        Stray files are deleted; bank ids the catalog does not know are removed; a reference image whose
+        vectors or pooled vector are missing (or whose bank file is unreadable) is embedded again from its
+        file when that file still has the stored sha256, and dropped from the index otherwise. Returns what
+        it did, with a check before and after.
+        """
+        actions: list[str] = []
+        with self._writer_lock(clean=False):
+            before = self.check()
+            generation = before["generation"]
+            removed = bankfiles.remove_stray(self.directory, generation)
+            if removed:
+                actions.append(f"deleted {len(removed)} stray bank files: {', '.join(p.name for p in removed)}")
+            snap = self.catalog.snapshot()
+            try:
+                banks = bankfiles.load_generation(self.directory, generation)
+            except (FileNotFoundError, ValueError) as exc:
+                actions.append(f"bank files of generation {generation} unusable ({exc}): rebuilding from the images")
+                banks = {}
+            bank = (banks or {}).get("patches") or VectorIndex.flat(self.config.feature_dim)
+            pooled = (banks or {}).get("images") or VectorIndex.flat(self.config.feature_dim)
+            changed = banks == {}
+            for name, index, known in (("bank vectors", bank, snap["vector_ids"]),
+                                       ("pooled vectors", pooled, snap["reference_ids"])):
+                orphans = np.setdiff1d(index.ids(), known)
+                if len(orphans):
+                    index.remove(orphans)
+                    actions.append(f"removed {len(orphans)} {name} that the catalog does not know")
+                    changed = True
+            in_bank, in_pooled = bank.ids(), set(pooled.ids().tolist())
+            lacking = []
+            for row in self.catalog.images("reference"):
+                cells = self.catalog.image_cells(row["id"])
+                missing = ~np.isin(cells[:, 0], in_bank)
+                if missing.any() or row["id"] not in in_pooled:
+                    lacking.append((row, cells[missing]))
+            dropped, vectors, ids = [], [], []
+            for i, (row, cells) in enumerate(lacking):
+                if progress:
+                    progress(i, len(lacking), row["path"])
+                try:
+                    img = load_image(row["path"])
+                    why = "its file has changed since it was added"
+                except ImageError as exc:
+                    img, why = None, str(exc)
+                if img is None or img.sha256 != row["sha256"]:
+                    dropped.append(row["id"])
+                    actions.append(f"dropped {row['path']} from the index: {why}")
+                    continue
+                grid = self.embedder.embed(img)
+                vectors.append(grid.features[cells[:, 1], cells[:, 2]])
+                ids.append(cells[:, 0])
+                if row["id"] not in in_pooled:
+                    pooled.add(self._pooled_vector(grid)[None, :], np.asarray([row["id"]], np.int64))
+                actions.append(f"re-embedded {row['path']} ({len(cells)} vectors restored)")
+            with self._bank_transaction() as conn:
+                if dropped:
+                    gone = self.catalog.vector_ids_of(conn, dropped)
+                    self.catalog.delete_images(conn, dropped)
+                    bank.remove(gone)
+                    pooled.remove(np.asarray(dropped, np.int64))
+                if ids:
+                    vectors, ids = np.concatenate(vectors), np.concatenate(ids)
+                    kind = choose_kind(self.config.index_kind, bank.ntotal + len(ids))
+                    if kind == bank.kind:
+                        bank.add(vectors, ids)
+                    else:
+                        bank = bank.rebuilt_as(kind, extra=(vectors, ids))
+                self._bank, self._pooled = bank, pooled
+                if changed or dropped or lacking:
+                    generation = self._publish(conn)
+            self._after_commit(generation)
+        return {"actions": actions, "before": before, "after": self.check()}
+
     # -- information --------------------------------------------------------------------------
     def info(self) -> dict:
         counts = self.catalog.counts()
@@ -622,6 +793,7 @@ class Engine:
         return {
             "index": str(self.directory), "fingerprint": self.config.fingerprint, "generation": state["generation"],
             **counts, "bank_vectors": self._bank.ntotal, "bank_kind": self._bank.kind, "nprobe": self._bank.nprobe,
+            "bank_bytes_per_vector": self._bank.bytes_per_vector(),
             "calibration": None if latest is None else {
                 k: latest[k] for k in ("id", "image_threshold", "pixel_threshold", "min_region_area", "target_fpr",
                                        "f1_threshold", "n_good", "n_defect", "generation", "method")},

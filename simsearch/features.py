@@ -111,7 +111,7 @@ class Embedder:
         return torch.cat(out)
 
     def embed(self, image: Image) -> PatchGrid:
-        rgb = resize_to_scale(image.rgb, self.config.scale, self.config.interpolation)
+        rgb = resize_to_scale(image.rgb, self.config.scale_for(image.height, image.width), self.config.interpolation)
         layout = plan_tiles(rgb.shape[0], rgb.shape[1], self.config.tile_size, self.config.tile_stride,
                             self.config.patch_stride, self.config.context_margin)
         tile_feats = self.embed_tiles(cut_tiles(rgb, layout)).numpy()

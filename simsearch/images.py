@@ -1,19 +1,33 @@
 """Image loading: decode, validate, bring every input to 8-bit RGB.
 
-Handling, decided once for every entry point:
+Handling, decided once for every entry point; every refusal is an ImageError with one line,
+"<file>: <reason>" (control characters in file names are escaped):
 - Colour order: arrays are RGB (not OpenCV's BGR), shape (H, W, 3) or (H, W), dtype uint8
   (uint16 is scaled to 8 bits; float in [0, 1] is scaled by 255).
 - Grayscale is replicated to 3 channels (the backbone is an RGB model).
 - 16-bit images are scaled to 8 bits (value / 257).
-- An alpha channel is composited over black (transparent pixels carry no part).
-- Files must decode completely: a truncated PNG or JPEG is an error, not a grey smear.
-- Images smaller than MIN_SIDE pixels on a side, or larger than `max_pixels`, are refused.
+- An alpha channel is composited over black (transparent pixels carry no part), including
+  gray+alpha PNGs and palette PNGs with transparency.
+- Palette (indexed) PNGs become their palette's colours.
+- CMYK JPEGs are converted to RGB by OpenCV's arithmetic (Adobe's inverted storage, as Photoshop
+  and Pillow write it); ICC profiles are ignored, for CMYK as for RGB.
+- Files must decode completely: a truncated PNG or JPEG is an error, not a grey smear (truncated
+  BMP, TIFF and WebP files are refused by the decoder itself).
+- Images smaller than MIN_SIDE pixels on a side (a 1x1 image), or larger than `max_pixels`, are
+  refused. For PNG, JPEG, BMP, GIF, WebP, TIFF, PNM and Sun raster files the size is read from the
+  header before decoding, so a decompression bomb (a 30000x30000 PNG of 100 KB) costs no memory;
+  other formats rely on OpenCV's own cap (OPENCV_IO_MAX_IMAGE_PIXELS) and a check after decoding.
+- Empty files, non-images, decoder failures, missing or unreadable paths, directories and pixel
+  types other than unsigned 8/16-bit, float and bool are refused.
+- Folders are walked recursively: files with an image suffix are decoded, the others are listed as
+  skipped; a file named directly is decoded whatever its suffix.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +36,19 @@ import numpy as np
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
 MIN_SIDE = 8
-DEFAULT_MAX_PIXELS = 100_000_000
+# The decompression-bomb guard: images past this many pixels are refused (settable per process).
+DEFAULT_MAX_PIXELS = int(os.environ.get("SIMSEARCH_MAX_PIXELS", "100000000"))
 
 
 class ImageError(ValueError):
-    """An input that is not a usable image; the message names the file and the reason."""
+    """An input that is not a usable image; the message names the file and the reason.
+
+    The message is kept to one printable line: control characters (a newline in a file name, say)
+    are written as escapes.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 @dataclass(frozen=True)
@@ -87,17 +109,126 @@ def to_rgb8(pixels: np.ndarray, source: str = "<array>", *, bgr: bool = False) -
     return np.ascontiguousarray(a)
 
 
+def _check_size(width: int, height: int, source: str, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise ImageError(f"{source}: image is {width}x{height}, over the limit of {max_pixels} pixels")
+    if min(width, height) < MIN_SIDE:
+        raise ImageError(f"{source}: image is {width}x{height}, smaller than the minimum {MIN_SIDE} px per side")
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        (length,) = struct.unpack_from(">H", data, i + 2)
+        if marker in _JPEG_SOF and i + 9 <= len(data):
+            height, width = struct.unpack_from(">HH", data, i + 5)
+            return (width, height) if height else None  # height 0: defined later by a DNL marker
+        i += 2 + length
+    return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    order = "<" if data[:2] == b"II" else ">"
+    (offset,) = struct.unpack_from(order + "I", data, 4)
+    (count,) = struct.unpack_from(order + "H", data, offset)
+    size: dict[int, int] = {}
+    for k in range(count):
+        tag, kind, n = struct.unpack_from(order + "HHI", data, offset + 2 + 12 * k)
+        if tag in (256, 257) and n == 1 and kind in (3, 4):
+            size[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), data, offset + 10 + 12 * k)[0]
+    return (size[256], size[257]) if len(size) == 2 else None
+
+
+def _pnm_size(data: bytes) -> tuple[int, int] | None:
+    tokens: list[int] = []
+    i = 2
+    while len(tokens) < 2 and i < min(len(data), 4096):
+        c = data[i:i + 1]
+        if c == b"#":
+            while i < len(data) and data[i:i + 1] not in (b"\n", b"\r"):
+                i += 1
+        elif c.isdigit():
+            j = i
+            while j < len(data) and data[j:j + 1].isdigit():
+                j += 1
+            tokens.append(int(data[i:j]))
+            i = j
+            continue
+        elif not c.isspace():
+            return None
+        i += 1
+    return (tokens[0], tokens[1]) if len(tokens) == 2 else None
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the file header, without decoding pixels; None when not known."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            return struct.unpack_from(">II", data, 16)
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_size(data)
+        if data[:2] == b"BM":
+            (header,) = struct.unpack_from("<I", data, 14)
+            if header == 12:  # OS/2 BITMAPCOREHEADER
+                return struct.unpack_from("<HH", data, 18)
+            width, height = struct.unpack_from("<ii", data, 18)
+            return abs(width), abs(height)  # negative height: top-down rows
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack_from("<HH", data, 6)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            chunk = data[12:16]
+            if chunk == b"VP8X":
+                return (int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1)
+            if chunk == b"VP8L" and data[20] == 0x2F:
+                (bits,) = struct.unpack_from("<I", data, 21)
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if chunk == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+                width, height = struct.unpack_from("<HH", data, 26)
+                return width & 0x3FFF, height & 0x3FFF
+            return None
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            return _tiff_size(data)
+        if data[:1] == b"P" and data[1:2] in b"123456fF" and len(data) > 2 and data[2:3].isspace():
+            return _pnm_size(data)
+        if data[:4] == b"\x59\xa6\x6a\x95":  # Sun raster
+            return struct.unpack_from(">II", data, 4)
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
 def decode(data: bytes, source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded file bytes -> (H, W, 3) uint8 RGB; anything else raises ImageError."""
     if not data:
         raise ImageError(f"{source}: empty file")
+    size = _header_size(data)
+    if size is not None:  # refuse bombs (and tiny images) before any pixel is decoded
+        _check_size(size[0], size[1], source, max_pixels)
     _check_complete(data, source)
     buf = np.frombuffer(data, dtype=np.uint8)
-    pixels = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
-    if pixels is None:
+    try:
+        pixels = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as exc:  # e.g. OpenCV's own pixel limit (OPENCV_IO_MAX_IMAGE_PIXELS)
+        reason = " ".join(str(exc).split("error: ", 1)[-1].split())
+        raise ImageError(f"{source}: not a readable image (OpenCV: {reason})") from None
+    if pixels is None or pixels.size == 0 or pixels.ndim < 2:
         raise ImageError(f"{source}: not a readable image")
-    # OpenCV's own guard (OPENCV_IO_MAX_IMAGE_PIXELS) stops true bombs; this is the user's limit.
-    if pixels.shape[0] * pixels.shape[1] > max_pixels:
-        raise ImageError(f"{source}: image is {pixels.shape[1]}x{pixels.shape[0]}, over the limit of {max_pixels} pixels")
+    # The header check above covers the common formats; this one covers the rest.
+    _check_size(pixels.shape[1], pixels.shape[0], source, max_pixels)
     return to_rgb8(pixels, source, bgr=pixels.ndim == 3)
 
 

@@ -20,9 +20,16 @@ def patch_scores(distances: np.ndarray) -> np.ndarray:
     return d.mean(axis=1) if d.shape[1] > 1 else d[:, 0].copy()
 
 
-def image_score(scores: np.ndarray) -> float:
-    """Patch scores (any shape) -> the image's score: the most anomalous patch."""
-    return float(np.max(scores))
+def image_score(scores: np.ndarray, top_k: int = 1) -> float:
+    """Patch scores (any shape) -> the image's score: the mean of its `top_k` most anomalous patches.
+
+    top_k = 1 is PatchCore's max; a few more make one noisy patch matter less than a defect's several.
+    """
+    flat = np.asarray(scores, dtype=np.float32).ravel()
+    if flat.size == 0:
+        raise ValueError("no patch scores")
+    k = min(max(int(top_k), 1), flat.size)
+    return float(np.max(flat)) if k == 1 else float(np.partition(flat, flat.size - k)[-k:].mean())
 
 
 def smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:

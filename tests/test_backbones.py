@@ -169,3 +169,23 @@ def test_layers_for_strides():
         layers_for_strides("tf_efficientnet_lite1", (64,))
     with pytest.raises(BackboneError, match="cannot build"):
         layers_for_strides("no_such_model_xyz")
+
+
+def test_nothing_in_the_package_unpickles():
+    """Stored data is FAISS, SQLite, JSON or safetensors; torch files are read with weights_only=True."""
+    import re
+    from pathlib import Path
+
+    import simsearch
+
+    offenders = []
+    for path in Path(simsearch.__file__).parent.rglob("*.py"):
+        text = path.read_text()
+        if re.search(r"^\s*(import|from)\s+(pickle|dill|joblib|cloudpickle)\b", text, re.M):
+            offenders.append(f"{path.name}: imports a pickler")
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            if "weights_only=True" not in call:
+                offenders.append(f"{path.name}: {call}")
+        if "allow_pickle=True" in text:
+            offenders.append(f"{path.name}: allow_pickle=True")
+    assert not offenders, offenders

@@ -101,3 +101,20 @@ def test_from_dict_fills_missing_fields_with_defaults():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         IndexConfig().tile_size = 128  # type: ignore[misc]
+
+
+def test_a_field_added_later_keeps_old_fingerprints_and_meaning():
+    config = IndexConfig()
+    stored = config.to_dict()
+    stored.pop("short_side")  # as written before the field existed
+    old = IndexConfig.from_dict(stored)
+    assert old.short_side is None and old.fingerprint == config.fingerprint
+    assert IndexConfig(short_side=128).fingerprint != config.fingerprint
+
+
+def test_short_side_sets_each_images_scale():
+    config = IndexConfig(short_side=128, scale=3.0)
+    assert config.scale_for(256, 512) == 0.5 and config.scale_for(512, 64) == 2.0
+    assert IndexConfig(scale=0.5).scale_for(256, 512) == 0.5
+    with pytest.raises(ValueError, match="short side"):
+        IndexConfig(short_side=16)

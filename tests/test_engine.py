@@ -13,6 +13,7 @@ from realdata import needs_piped, piped_mask, piped_test, piped_train
 from simsearch import Engine, SimsearchError
 from simsearch.engine import EmbedderMismatch
 from simsearch.images import ImageError
+from simsearch.store.catalog import SchemaError
 
 pytestmark = needs_piped
 
@@ -264,3 +265,31 @@ def test_any_timm_backbone_with_a_local_weights_file(tmp_path):
         engine.add([str(p) for p in piped_train()[:3]])
         assert engine.query(str(piped_train()[0])).score == pytest.approx(0.0, abs=1e-3)
         assert engine.query(str(piped_test("good")[0])).score > 0
+
+
+def test_corrupted_faiss_file_is_a_clear_error_and_add_changes_nothing(tmp_path):
+    engine = build(tmp_path / "ix", piped_train()[:6])
+    generation = engine.catalog.state()["generation"]
+    engine.close()
+    bank = tmp_path / "ix" / f"patches.g{generation:06d}.faiss"
+    bank.write_bytes(bank.read_bytes()[:1000])  # cut short, as a failing disk might leave it
+    with Engine.open(tmp_path / "ix") as engine:
+        counts = engine.catalog.counts()
+        with pytest.raises(SimsearchError, match="index repair"):
+            engine.query(str(piped_test("good")[0]))
+        with pytest.raises(SimsearchError, match="index repair"):
+            engine.add([str(piped_train()[8])])
+        assert engine.catalog.counts() == counts
+        assert not engine.check()["ok"]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupted_sqlite_file_is_refused_with_the_reason(tmp_path, damage):
+    engine = build(tmp_path / "ix", piped_train()[:4])
+    engine.close()
+    db = tmp_path / "ix" / Engine.DB
+    data = db.read_bytes()
+    db.write_bytes({"garbage": np.random.default_rng(0).bytes(len(data)), "truncated": data[:len(data) // 3],
+                    "empty": b""}[damage])
+    with pytest.raises((SimsearchError, SchemaError), match="meta.sqlite|no index|configuration"):
+        Engine.open(tmp_path / "ix")

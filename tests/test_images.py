@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import struct
+import zlib
 
 import cv2
 import numpy as np
 import pytest
 
-from simsearch.images import MIN_SIDE, Image, ImageError, decode, expand_paths, load_image, to_rgb8
+from simsearch.images import MIN_SIDE, Image, ImageError, _header_size, decode, expand_paths, load_image, to_rgb8
 
 
 # -- to_rgb8 ----------------------------------------------------------------------------------------
@@ -190,6 +193,16 @@ def test_truncated_file(tmp_path, suffix, what):
     load_image(full)  # the whole file is fine
 
 
+
+@pytest.mark.parametrize("suffix", [".bmp", ".tif", ".webp"])
+@pytest.mark.parametrize("keep", [0.3, 0.9, 0.99])
+def test_truncated_bmp_tiff_webp_are_refused_by_the_decoder(tmp_path, suffix, keep):
+    data = cv2.imencode(suffix, np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))[1].tobytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ImageError, match=rf"cut\{suffix}: not a readable image"):
+        load_image(cut)
+
 def test_jpeg_with_trailing_padding_is_not_refused(tmp_path):
     path = tmp_path / "pad.jpg"
     cv2.imwrite(str(path), _red_bgr())
@@ -294,3 +307,289 @@ def test_duplicates_kept_once_in_first_mention_order(tmp_path):
     found, skipped = expand_paths([b, a, str(tmp_path), rel_a, str(tmp_path / "*.png")])
     assert found == [b, a]
     assert skipped == []
+
+
+# -- hostile and odd files ----------------------------------------------------------------------------
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _png(width, height, bit_depth, colour_type, rows, extra_chunks=()):
+    """A PNG built by hand: `rows` yields each row's bytes (filter byte 0 is added here)."""
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(b"\0" + row) for row in rows) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + b"".join(_png_chunk(k, b) for k, b in extra_chunks)
+            + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b""))
+
+
+def _blank_1bit_png(width, height):
+    """A valid 1-bit grayscale PNG: a few hundred KB on disk however large it claims to be."""
+    row = bytes((width + 7) // 8)
+    return _png(width, height, 1, 0, (row for _ in range(height)))
+
+
+PALETTE = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (250, 200, 10)]
+
+
+def _palette_indices(h=12, w=16):
+    return (np.arange(h)[:, None] + np.arange(w)[None, :]) % len(PALETTE)
+
+
+def test_palette_png_decodes_to_the_palette_colours(tmp_path):
+    idx = _palette_indices()
+    plte = b"".join(bytes(c) for c in PALETTE)
+    path = tmp_path / "indexed.png"
+    path.write_bytes(_png(16, 12, 8, 3, (bytes(r.astype(np.uint8)) for r in idx), [(b"PLTE", plte)]))
+    rgb = load_image(path).rgb
+    assert rgb.shape == (12, 16, 3)
+    np.testing.assert_array_equal(rgb, np.array(PALETTE, np.uint8)[idx])
+
+
+def test_palette_png_with_transparency_is_composited(tmp_path):
+    idx = _palette_indices()
+    plte = b"".join(bytes(c) for c in PALETTE)
+    trns = bytes([0, 255, 255, 255])  # palette entry 0 fully transparent
+    path = tmp_path / "indexed_trns.png"
+    path.write_bytes(_png(16, 12, 8, 3, (bytes(r.astype(np.uint8)) for r in idx), [(b"PLTE", plte), (b"tRNS", trns)]))
+    expected = np.array(PALETTE, np.uint8)[idx]
+    expected[idx == 0] = 0
+    np.testing.assert_array_equal(load_image(path).rgb, expected)
+
+
+def test_gray8_png_and_jpeg_files_are_replicated(tmp_path):
+    gray = np.tile(np.arange(0, 240, 15, dtype=np.uint8), (10, 1))  # 10 x 16
+    png, jpg = tmp_path / "g.png", tmp_path / "g.jpg"
+    cv2.imwrite(str(png), gray)
+    cv2.imwrite(str(jpg), gray, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    rgb = load_image(png).rgb
+    assert rgb.shape == (10, 16, 3)
+    np.testing.assert_array_equal(rgb, np.repeat(gray[:, :, None], 3, axis=2))
+    rgb = load_image(jpg).rgb
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    assert np.abs(rgb[..., 0].astype(int) - gray).max() <= 3
+
+
+def test_rgb16_png_is_scaled_and_in_rgb_order(tmp_path):
+    bgr16 = np.zeros((9, 9, 3), np.uint16)
+    bgr16[...] = (257 * 10, 257 * 20, 65535)  # B, G, R
+    path = tmp_path / "c16.png"
+    cv2.imwrite(str(path), bgr16)
+    assert (load_image(path).rgb == [255, 20, 10]).all()
+
+
+def test_gray_alpha_png_is_composited(tmp_path):
+    from PIL import Image as PILImage
+
+    la = np.zeros((10, 10, 2), np.uint8)
+    la[..., 0] = 200
+    la[:5, :, 1] = 255  # top half opaque
+    path = tmp_path / "la.png"
+    PILImage.fromarray(la, "LA").save(path)
+    rgb = load_image(path).rgb
+    assert (rgb[:5] == 200).all() and (rgb[5:] == 0).all()
+
+
+def test_cmyk_jpeg_is_converted_to_rgb(tmp_path):
+    from PIL import Image as PILImage
+
+    # C, M, Y, K patches -> red, green, blue, white, black, mid grey
+    cmyk = [(0, 255, 255, 0), (255, 0, 255, 0), (255, 255, 0, 0), (0, 0, 0, 0), (0, 0, 0, 255), (0, 0, 0, 128)]
+    rgb_expected = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0), (127, 127, 127)]
+    a = np.zeros((16, 16 * len(cmyk), 4), np.uint8)
+    for i, c in enumerate(cmyk):
+        a[:, 16 * i:16 * (i + 1)] = c
+    path = tmp_path / "cmyk.jpg"
+    PILImage.fromarray(a, "CMYK").save(path, "JPEG", quality=95)
+    assert PILImage.open(path).mode == "CMYK"  # really a 4-component JPEG
+    rgb = load_image(path).rgb
+    assert rgb.shape == (16, 16 * len(cmyk), 3)
+    for i, want in enumerate(rgb_expected):
+        got = rgb[8, 16 * i + 8].astype(int)
+        assert np.abs(got - want).max() <= 4, (i, got.tolist(), want)
+
+
+def test_one_pixel_image_is_refused(tmp_path):
+    path = tmp_path / "dot.png"
+    cv2.imwrite(str(path), np.full((1, 1, 3), 255, np.uint8))
+    with pytest.raises(ImageError, match=r"dot\.png: image is 1x1, smaller than the minimum 8 px per side"):
+        load_image(path)
+
+
+def _forbid_decoding(monkeypatch):
+    def imdecode(*args, **kwargs):
+        raise AssertionError("pixels were decoded")
+    monkeypatch.setattr(cv2, "imdecode", imdecode)
+
+
+@pytest.fixture(scope="module")
+def png_bomb(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    path.write_bytes(_blank_1bit_png(30000, 30000))
+    return path
+
+
+def test_decompression_bomb_png_is_refused_from_its_header(png_bomb, monkeypatch):
+    assert png_bomb.stat().st_size < 200_000  # 9e8 pixels in ~110 KB
+    _forbid_decoding(monkeypatch)
+    with pytest.raises(ImageError, match=r"bomb\.png: image is 30000x30000, over the limit of 100000000 pixels"):
+        load_image(png_bomb)
+
+
+def test_pixel_limit_is_configurable_and_checked_before_decoding(tmp_path, monkeypatch):
+    path = tmp_path / "k.png"
+    path.write_bytes(_blank_1bit_png(1000, 1000))
+    assert load_image(path, max_pixels=1_000_000).rgb.shape == (1000, 1000, 3)
+    _forbid_decoding(monkeypatch)
+    with pytest.raises(ImageError, match=r"k\.png: image is 1000x1000, over the limit of 999999 pixels"):
+        load_image(path, max_pixels=999_999)
+
+
+def test_jpeg_claiming_huge_size_is_refused_from_its_header(tmp_path, monkeypatch):
+    data = bytearray(cv2.imencode(".jpg", _red_bgr())[1].tobytes())
+    sof = data.index(b"\xff\xc0")
+    assert struct.unpack_from(">HH", data, sof + 5) == (20, 30)
+    struct.pack_into(">HH", data, sof + 5, 60000, 50000)
+    path = tmp_path / "huge.jpg"
+    path.write_bytes(bytes(data))
+    _forbid_decoding(monkeypatch)
+    with pytest.raises(ImageError, match=r"huge\.jpg: image is 50000x60000, over the limit"):
+        load_image(path)
+
+
+def test_over_opencvs_own_limit_is_an_image_error_not_cv2_error(tmp_path):
+    path = tmp_path / "vast.png"  # 1.6e9 pixels: past OpenCV's default cap of 2**30
+    path.write_bytes(_blank_1bit_png(40000, 40000))
+    with pytest.raises(ImageError, match=r"^\S*vast\.png: not a readable image \(OpenCV: .*\)$"):
+        load_image(path, max_pixels=2_000_000_000)
+
+
+def _encodings():
+    """(name, bytes) of one 20 x 30 picture in every format whose header is read before decoding."""
+    from PIL import Image as PILImage
+
+    bgr = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    out = [(ext, cv2.imencode(ext, bgr)[1].tobytes()) for ext in (".png", ".jpg", ".bmp", ".tif", ".webp", ".ppm", ".gif", ".sr")]
+    out.append((".pgm", cv2.imencode(".pgm", bgr[..., 0])[1].tobytes()))
+    out.append((".pbm", cv2.imencode(".pbm", bgr[..., 0])[1].tobytes()))
+    out.append((".pfm", cv2.imencode(".pfm", bgr.astype(np.float32) / 255)[1].tobytes()))
+    out.append(("lossy.webp", cv2.imencode(".webp", bgr, [cv2.IMWRITE_WEBP_QUALITY, 80])[1].tobytes()))
+    out.append(("progressive.jpg", cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()))
+    exif = PILImage.Exif()
+    exif[0x010F] = "camera maker"
+    rgb = PILImage.fromarray(bgr[..., ::-1])
+    for name, image, fmt, kwargs in [
+            ("pil-exif.jpg", rgb, "JPEG", {"exif": exif}),  # APP1 segment before the frame header
+            ("pil-lzw.tif", rgb, "TIFF", {"compression": "tiff_lzw"}),
+            ("pil-rgba.webp", rgb.convert("RGBA"), "WEBP", {"exif": exif}),  # extended (VP8X) WebP
+            ("pil-big-endian-16bit.tif", PILImage.frombytes("I;16B", (30, 20), (bgr[..., 0].astype(">u2") * 257).tobytes()), "TIFF", {})]:
+        buf = io.BytesIO()
+        image.save(buf, fmt, **kwargs)
+        out.append((name, buf.getvalue()))
+    return out
+
+
+ENCODINGS = [".png", ".jpg", ".bmp", ".tif", ".webp", ".ppm", ".gif", ".sr", ".pgm", ".pbm", ".pfm", "lossy.webp",
+             "progressive.jpg", "pil-exif.jpg", "pil-lzw.tif", "pil-rgba.webp", "pil-big-endian-16bit.tif"]
+
+
+@pytest.fixture(scope="module")
+def encodings():
+    return dict(_encodings())
+
+
+def test_encodings_cover_the_header_readers(encodings):
+    assert sorted(encodings) == sorted(ENCODINGS)
+    assert encodings["pil-rgba.webp"][12:16] == b"VP8X" and encodings["lossy.webp"][12:16] == b"VP8 "
+    assert encodings[".webp"][12:16] == b"VP8L" and encodings["pil-big-endian-16bit.tif"][:2] == b"MM"
+    assert b"Exif" in encodings["pil-exif.jpg"]
+
+
+@pytest.mark.parametrize("name", ENCODINGS)
+def test_header_size_agrees_with_the_decoder(name, encodings):
+    data = encodings[name]
+    assert _header_size(data) == (30, 20)
+    assert decode(data, name).shape == (20, 30, 3)
+
+
+@pytest.mark.parametrize("data", [
+    b"\x00" * 64, bytes(range(256)), b"PK\x03\x04" + b"\0" * 60, b"%PDF-1.7\n" + b"x" * 60,
+    b"\x89PNG\r\n\x1a\n", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", b"\xff\xd8", b"\xff\xd8\xff\xc0\x00\x11", b"\xff\xd8\xff",
+    b"BM", b"BM" + b"\xff" * 30, b"GIF89a", b"RIFF\0\0\0\0WEBPVP8X", b"RIFF\0\0\0\0WEBPVP8L\0\0\0\0\x2f",
+    b"II*\0", b"II*\0\xff\xff\xff\xff", b"MM\0*\0\0\0\x08\x00\x01", b"P6\n", b"P6\n# comment only", b"P5 12 ",
+    b"\x59\xa6\x6a\x95",
+], ids=lambda d: repr(d[:12]))
+def test_odd_bytes_give_one_line_image_errors(data):
+    with pytest.raises(ImageError) as info:
+        decode(data, "odd.bin")
+    message = str(info.value)
+    assert message.startswith("odd.bin: ") and "\n" not in message
+
+
+def test_unreadable_file(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: chmod 000 does not stop root from reading (see the monkeypatched test below)")
+    path = tmp_path / "locked.png"
+    cv2.imwrite(str(path), _red_bgr())
+    path.chmod(0)
+    try:
+        with pytest.raises(ImageError, match=r"locked\.png: cannot read \(Permission denied\)"):
+            load_image(path)
+    finally:
+        path.chmod(0o600)
+
+
+def test_permission_error_becomes_image_error(tmp_path, monkeypatch):
+    import simsearch.images as images
+
+    path = tmp_path / "locked.png"
+    cv2.imwrite(str(path), _red_bgr())
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+    monkeypatch.setattr(images, "open", denied, raising=False)
+    with pytest.raises(ImageError, match=r"locked\.png: cannot read \(Permission denied\)"):
+        load_image(path)
+
+
+def test_control_characters_in_a_file_name_keep_the_message_on_one_line(tmp_path):
+    path = tmp_path / "two\nlines.png"
+    path.write_text("not an image")
+    with pytest.raises(ImageError) as info:
+        load_image(path)
+    assert "\n" not in str(info.value)
+    assert "two\\nlines.png: not a readable image" in str(info.value)
+
+
+def test_mixed_folder_images_are_decoded_and_other_files_skipped(tmp_path):
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    cv2.imwrite(str(folder / "good.png"), _red_bgr())
+    cv2.imwrite(str(folder / "sub" / "gray.jpg"), np.full((10, 10), 90, np.uint8))
+    (folder / "broken.png").write_text("not really a png")
+    (folder / "notes.txt").write_text("hello")
+    (folder / "Thumbs.db").write_bytes(b"\0" * 10)
+    found, skipped = expand_paths([str(folder)])
+    assert found == [str(folder / n) for n in ("broken.png", "good.png", "sub/gray.jpg")]
+    assert skipped == [(str(folder / "Thumbs.db"), "not an image file name"),
+                       (str(folder / "notes.txt"), "not an image file name")]
+    assert load_image(found[1]).rgb.shape == (20, 30, 3)
+    assert load_image(found[2]).rgb.shape == (10, 10, 3)
+    with pytest.raises(ImageError, match=r"broken\.png: not a readable image"):
+        load_image(found[0])
+
+
+def test_pixel_limit_is_settable_from_the_environment(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "square.png"
+    cv2.imwrite(str(path), np.zeros((100, 100), np.uint8))
+    code = ("import sys\nfrom simsearch.images import ImageError, load_image\n"
+            f"try:\n    load_image({str(path)!r})\nexcept ImageError as exc:\n    print(exc)\n    sys.exit(3)\n")
+    limited = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**os.environ, "SIMSEARCH_MAX_PIXELS": "9999"})
+    assert limited.returncode == 3 and "over the limit of 9999 pixels" in limited.stdout
+    default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert default.returncode == 0, default.stdout + default.stderr

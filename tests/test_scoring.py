@@ -146,3 +146,13 @@ def test_similarity_from_score():
     assert similarity_from_score(1.0, 0.0) is None
     s = [similarity_from_score(x, 1.0) for x in (0.1, 0.5, 1.0, 3.0)]
     assert s == sorted(s, reverse=True)
+
+
+def test_image_score_is_the_mean_of_the_top_k_patches():
+    scores = np.array([[0.0, 5.0, 1.0], [3.0, 4.0, 2.0]], np.float32)
+    assert image_score(scores) == 5.0
+    assert image_score(scores, top_k=2) == pytest.approx(4.5)
+    assert image_score(scores, top_k=3) == pytest.approx(4.0)
+    assert image_score(scores, top_k=100) == pytest.approx(scores.mean())  # clamped to the patch count
+    with pytest.raises(ValueError):
+        image_score(np.zeros((0,), np.float32))

@@ -17,6 +17,7 @@ import numpy as np
 from sqlalchemy import select
 
 from ..calibration import threshold_for_fpr
+from ..scoring import image_score, patch_scores
 from ..engine import Engine
 from ..store.catalog import vectors as vectors_table
 from ..store.vectors import VectorIndex, choose_kind
@@ -88,11 +89,10 @@ def cross_scores(engine: Engine, folds: int, progress: Progress | None = None) -
         rest = [per_image[i] for i, fo in zip(image_ids, fold_of) if fo != f]
         bank_vectors = np.concatenate(rest)
         kind = choose_kind(engine.config.index_kind, len(bank_vectors))
-        bank = VectorIndex.flat(bank_vectors.shape[1]) if kind == "flat" else VectorIndex.ivf_flat(bank_vectors)
-        bank.add(bank_vectors, np.arange(len(bank_vectors)))
+        bank = VectorIndex.from_vectors(kind, bank_vectors, np.arange(len(bank_vectors)))
         for pos in np.flatnonzero(fold_of == f):
             distances, _ = bank.search(per_image[image_ids[pos]], engine.config.k_neighbours)
-            scores[pos] = float(distances.mean(axis=1).max())
+            scores[pos] = image_score(patch_scores(distances), engine.config.image_top_k)
     if progress:
         progress("threshold", folds, folds)
     return scores

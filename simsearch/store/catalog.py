@@ -247,6 +247,22 @@ class Catalog:
         conn.execute(update(index_config).values(**values))
         return conn.execute(select(index_config.c.generation)).scalar_one()
 
+    def snapshot(self) -> dict:
+        """Generation, every vector id and every reference image id, read in one transaction (one state)."""
+        with self.engine.connect() as conn, conn.begin():
+            state = self.state(conn)
+            ids = conn.execute(select(vectors.c.id).order_by(vectors.c.id)).scalars().all()
+            refs = conn.execute(select(images.c.id).where(images.c.role == "reference")
+                                .order_by(images.c.id)).scalars().all()
+        return {**state, "vector_ids": np.asarray(ids, np.int64), "reference_ids": np.asarray(refs, np.int64)}
+
+    def image_cells(self, image_id: int) -> np.ndarray:
+        """(N, 3) int64 [faiss id, row, col] of one image's stored vectors."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(vectors.c.id, vectors.c.row, vectors.c.col)
+                                .where(vectors.c.image_id == image_id).order_by(vectors.c.id)).all()
+        return np.asarray(rows, np.int64).reshape(-1, 3)
+
     def describe_vectors(self, ids: list[int]) -> dict[int, dict]:
         """FAISS id -> {image (path), sha256, x, y, row, col} for the given ids."""
         ids = sorted({int(i) for i in ids if i >= 0})

@@ -1,10 +1,20 @@
 """FAISS vector storage with stable ids, behind one small interface.
 
-Strategies:
-- "flat": exact search (IndexIDMap2 over IndexFlatL2); the default while the bank is small.
-- "ivf-flat": inverted lists trained on the bank (approximate, much faster on large banks);
-  chosen automatically once the bank passes `APPROX_FROM` vectors, or on request.
-Both support add with ids and remove by id. Distances returned are L2 (not squared).
+Strategies (`KINDS`, plus "auto" for `choose_kind`), with the index's own bytes per stored vector
+(codes + the 8-byte id; see `VectorIndex.bytes_per_vector`):
+- "flat": exact search (IndexIDMap2 over IndexFlatL2), 4 * D + 8 bytes; the default while the bank is small.
+- "ivf-flat": inverted lists over full float32 vectors (approximate in which lists are searched only),
+  4 * D + 8 bytes.
+- "ivf-sq8": inverted lists over 8-bit scalar-quantized residuals (IndexIVFScalarQuantizer QT_8bit),
+  D + 8 bytes. Chosen by "auto" from `APPROX_FROM` vectors: about a quarter of flat's memory, with
+  distances within a fraction of a percent of the exact ones.
+- "ivf-pq": inverted lists over product-quantized residuals (IndexIVFPQ, 8-bit codes, sub-vectors of
+  2 to 4 dimensions, see `pq_subquantizers`), about D / 2 + 8 bytes. Smallest; its distances are those
+  to the quantized vectors, a few percent off, and its recall@1 is the lowest (no exact re-ranking:
+  IndexRefineFlat would keep a float32 copy of every vector, more memory than flat).
+All support add with ids and remove by id. Distances returned are L2 (not squared). The lossy kinds
+(ivf-sq8, ivf-pq) search and return distances to their quantized vectors, and `all_vectors` gives back
+reconstructions (approximations), not the vectors that were added.
 """
 from __future__ import annotations
 
@@ -15,8 +25,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-APPROX_FROM = 200_000  # bank size from which "auto" switches from exact to IVF
-KINDS = ("auto", "flat", "ivf-flat")
+from ..faults import crash_point
+
+APPROX_FROM = 200_000  # bank size from which "auto" switches from exact to an approximate index
+AUTO_APPROX_KIND = "ivf-flat"  # what "auto" picks from APPROX_FROM vectors
+IVF_KINDS = ("ivf-flat", "ivf-sq8", "ivf-pq")
+KINDS = ("auto", "flat") + IVF_KINDS
+LOSSY_KINDS = ("ivf-sq8", "ivf-pq")  # kinds whose stored vectors are approximations
+ID_BYTES = 8  # an int64 id per stored vector (the IDMap's id array, or an inverted list's ids)
 
 
 def _check(vectors: np.ndarray, dim: int, name: str = "vectors") -> np.ndarray:
@@ -36,6 +52,7 @@ def _check_ids(ids: np.ndarray, n: int) -> np.ndarray:
 
 
 TRAIN_PER_LIST = 64  # k-means training points per inverted list (faiss warns below 39)
+PQ_TRAIN = 256 * 40  # training points for the 256-centroid product-quantizer codebooks (faiss wants >= 39 per centroid)
 
 
 def ivf_lists_for(n: int) -> int:
@@ -44,12 +61,57 @@ def ivf_lists_for(n: int) -> int:
     return int(max(1, min(nlist, n // 64)))
 
 
+def default_nprobe(nlist: int) -> int:
+    """Lists searched per query unless set: 8, or 1/64 of the lists on very large banks."""
+    return max(8, nlist // 64)
+
+
+def pq_subquantizers(dim: int) -> tuple[int, int]:
+    """(padded dimension, number of sub-quantizers) for ivf-pq: PQ needs the dimension to be a multiple
+    of the number of sub-vectors. The largest divisor m of `dim` with m <= dim / 2 (sub-vectors of 2
+    dimensions for every even dim); when that leaves sub-vectors of more than 4 dimensions (an odd
+    dimension without a divisor in [dim/4, dim/2], e.g. a prime), the vectors are padded with one zero
+    dimension and split in pairs."""
+    best = max((m for m in range(1, dim // 2 + 1) if dim % m == 0), default=1)
+    if dim >= 2 and 4 * best >= dim:
+        return dim, best
+    padded = dim + dim % 2
+    return padded, max(1, padded // 2)
+
+
+def bytes_per_vector(kind: str, dim: int) -> int:
+    """Bytes an index of `kind` spends per stored vector of `dim` float32 dimensions (code + 8-byte id),
+    without building one; `VectorIndex.bytes_per_vector` reports the same for a live index.
+    flat, ivf-flat: 4 * dim + 8; ivf-sq8: dim + 8; ivf-pq: one byte per sub-quantizer + 8 (trained on
+    fewer than 256 vectors it uses smaller codebooks and codes: the live index says)."""
+    if kind in ("flat", "ivf-flat"):
+        return 4 * dim + ID_BYTES
+    if kind == "ivf-sq8":
+        return dim + ID_BYTES
+    if kind == "ivf-pq":
+        return pq_subquantizers(dim)[1] + ID_BYTES
+    raise ValueError(f"unknown index kind {kind!r}; choose from {KINDS[1:]}")
+
+
+def _train_sample(training: np.ndarray, count: int) -> np.ndarray:
+    if len(training) <= count:  # k-means cost grows with the sample: keep it small
+        return training
+    pick = np.random.default_rng(0).choice(len(training), count, replace=False)
+    return training[np.sort(pick)]
+
+
 class VectorIndex:
     """A FAISS index holding (id -> vector); `kind` names the strategy."""
 
     def __init__(self, index: faiss.Index, nprobe: int | None = None):
         self.index = index
         self.dim = index.d
+        # The inverted-file part (for nprobe, the lists and their codes), None for flat.
+        self._ivf = None
+        if isinstance(index, faiss.IndexIVF):
+            self._ivf = index
+        elif isinstance(index, faiss.IndexPreTransform):  # ivf-pq padded to an even dimension
+            self._ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         if nprobe is not None:
             self.nprobe = nprobe
 
@@ -59,35 +121,117 @@ class VectorIndex:
         return cls(faiss.IndexIDMap2(faiss.IndexFlatL2(dim)))
 
     @classmethod
+    def create(cls, kind: str, dim: int, training: np.ndarray | None = None,
+               nlist: int | None = None) -> "VectorIndex":
+        """An empty index of `kind` ("flat" or one of `IVF_KINDS`; not "auto": see `choose_kind`).
+
+        IVF kinds are trained on `training` (N, dim): the coarse k-means (`nlist` lists, default
+        `ivf_lists_for(N)`) and, for ivf-sq8 / ivf-pq, the quantizer of the residuals.
+        """
+        if kind == "flat":
+            return cls.flat(dim)
+        if kind not in IVF_KINDS:
+            raise ValueError(f"unknown index kind {kind!r}; choose from {KINDS[1:]}")
+        if training is None or not len(training):
+            raise ValueError("an IVF index is trained on its vectors: it cannot be built empty")
+        training = _check(training, dim, "training vectors")
+        nlist = int(nlist or ivf_lists_for(len(training)))
+        if kind == "ivf-flat":
+            spec = f"IVF{nlist},Flat"
+            count = nlist * TRAIN_PER_LIST
+        elif kind == "ivf-sq8":
+            spec = f"IVF{nlist},SQ8"
+            count = nlist * TRAIN_PER_LIST
+        else:
+            count = max(nlist * TRAIN_PER_LIST, PQ_TRAIN)
+            padded, m = pq_subquantizers(dim)
+            # 8-bit codes want 256 training points per sub-quantizer; tiny banks get smaller codebooks.
+            nbits = int(min(8, max(1, math.floor(math.log2(min(len(training), count))))))
+            # "np": no polysemous training (a slow Hamming-order optimisation only polysemous search uses).
+            spec = (f"Pad{padded}," if padded != dim else "") + f"IVF{nlist},PQ{m}x{nbits}np"
+        index = faiss.index_factory(dim, spec, faiss.METRIC_L2)
+        index.train(_train_sample(training, count))
+        return cls(index, nprobe=default_nprobe(nlist))
+
+    @classmethod
     def ivf_flat(cls, training: np.ndarray, nlist: int | None = None) -> "VectorIndex":
         """An empty IVF-Flat index whose coarse quantizer is trained on `training` (N, D)."""
-        dim = training.shape[1]
-        nlist = nlist or ivf_lists_for(len(training))
-        quantizer = faiss.IndexFlatL2(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
-        sample = _check(training, dim, "training vectors")
-        if len(sample) > nlist * TRAIN_PER_LIST:  # k-means cost grows with the sample: keep it small
-            pick = np.random.default_rng(0).choice(len(sample), nlist * TRAIN_PER_LIST, replace=False)
-            sample = sample[np.sort(pick)]
-        index.train(sample)
-        index.own_fields = True
-        quantizer.this.disown()
-        out = cls(index)
-        out.nprobe = max(8, nlist // 64)
+        return cls.create("ivf-flat", np.asarray(training).shape[1], training, nlist)
+
+    @classmethod
+    def ivf_sq8(cls, training: np.ndarray, nlist: int | None = None) -> "VectorIndex":
+        """An empty IVF-SQ8 index (8-bit scalar-quantized residuals) trained on `training` (N, D)."""
+        return cls.create("ivf-sq8", np.asarray(training).shape[1], training, nlist)
+
+    @classmethod
+    def ivf_pq(cls, training: np.ndarray, nlist: int | None = None) -> "VectorIndex":
+        """An empty IVF-PQ index (product-quantized residuals, see `pq_subquantizers`) trained on `training`."""
+        return cls.create("ivf-pq", np.asarray(training).shape[1], training, nlist)
+
+    @classmethod
+    def from_vectors(cls, kind: str, vectors: np.ndarray, ids: np.ndarray | None = None,
+                     nlist: int | None = None) -> "VectorIndex":
+        """An index of `kind` ("auto" resolved by size) trained on and holding `vectors` (ids default 0..N-1)."""
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2:
+            raise ValueError(f"vectors must be (N, D), got {vectors.shape}")
+        kind = choose_kind(kind, len(vectors))
+        out = cls.create(kind, vectors.shape[1], vectors if kind != "flat" else None, nlist)
+        if len(vectors):
+            out.add(vectors, np.arange(len(vectors)) if ids is None else ids)
         return out
 
     @property
     def kind(self) -> str:
-        return "ivf-flat" if isinstance(self.index, faiss.IndexIVF) else "flat"
+        ivf = self._ivf
+        if ivf is None:
+            return "flat"
+        if isinstance(ivf, faiss.IndexIVFFlat):
+            return "ivf-flat"
+        if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+            return "ivf-sq8"
+        if isinstance(ivf, faiss.IndexIVFPQ):
+            return "ivf-pq"
+        return type(ivf).__name__  # not made here (a foreign file): named, never mistaken for one of ours
+
+    @property
+    def lossy(self) -> bool:
+        """True when the index stores approximations of the vectors (ivf-sq8, ivf-pq)."""
+        return self.kind in LOSSY_KINDS
 
     @property
     def nprobe(self) -> int | None:
-        return int(self.index.nprobe) if isinstance(self.index, faiss.IndexIVF) else None
+        return int(self._ivf.nprobe) if self._ivf is not None else None
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        if isinstance(self.index, faiss.IndexIVF):
-            self.index.nprobe = int(min(max(1, value), self.index.nlist))
+        if self._ivf is not None:
+            self._ivf.nprobe = int(min(max(1, value), self._ivf.nlist))
+
+    def bytes_per_vector(self) -> int:
+        """Bytes the index itself spends per stored vector: its code plus the 8-byte id.
+
+        flat: 4 * D + 8 (IndexIDMap2 also keeps a reverse id -> position hash map in memory, not
+        counted here, nor written to disk); IVF kinds: the inverted lists' code size + 8.
+        """
+        if self._ivf is None:
+            return 4 * self.dim + ID_BYTES
+        return int(self._ivf.code_size) + ID_BYTES
+
+    def memory_bytes(self) -> int:
+        """Approximate bytes held: `bytes_per_vector` x ntotal plus the fixed trained parts (coarse
+        centroids, quantizer tables, ivf-pq's precomputed residual table)."""
+        total = self.ntotal * self.bytes_per_vector()
+        ivf = self._ivf
+        if ivf is None:
+            return total
+        total += ivf.nlist * ivf.d * 4  # coarse centroids
+        if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
+            total += 2 * ivf.d * 4  # per-dimension range
+        elif isinstance(ivf, faiss.IndexIVFPQ):
+            total += ivf.pq.M * ivf.pq.ksub * ivf.pq.dsub * 4  # codebooks
+            total += int(ivf.precomputed_table.size()) * 4
+        return total
 
     @property
     def ntotal(self) -> int:
@@ -112,34 +256,82 @@ class VectorIndex:
         d2, ids = self.index.search(q, k)
         return np.sqrt(np.maximum(d2, 0.0)), ids
 
+    def _lists(self):
+        """(list number, size) of every non-empty inverted list."""
+        invlists = self._ivf.invlists
+        for lst in range(self._ivf.nlist):
+            n = invlists.list_size(lst)
+            if n:
+                yield lst, n
+
+    def ids(self) -> np.ndarray:
+        """(N,) int64: every id held, without reading the vectors."""
+        if self._ivf is None:
+            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        invlists = self._ivf.invlists
+        parts = [faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy() for lst, n in self._lists()]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every (id, vector) held: (N,) int64 and (N, D) float32. Used to rebuild as another kind."""
-        if isinstance(self.index, faiss.IndexIDMap):
+        """Every (id, vector) held: (N,) int64 and (N, D) float32. Used to rebuild as another kind.
+
+        flat and ivf-flat give back the vectors exactly as added. ivf-sq8 and ivf-pq store only codes:
+        their vectors are reconstructions (each list's centroid plus the decoded residual, through
+        `sa_decode`), approximations whose error is that of the quantizer (see `lossy`).
+        """
+        if self._ivf is None:
             ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
             vectors = self.index.index.reconstruct_n(0, self.index.index.ntotal)
             return ids, vectors
-        invlists = self.index.invlists
+        invlists = self._ivf.invlists
+        code_size = invlists.code_size
         all_ids, all_vecs = [], []
-        for lst in range(self.index.nlist):
-            n = invlists.list_size(lst)
-            if n == 0:
-                continue
-            all_ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
-            codes = faiss.rev_swig_ptr(invlists.get_codes(lst), n * invlists.code_size).copy()
-            all_vecs.append(codes.view(np.float32).reshape(n, self.dim))
+        if self.kind == "ivf-flat":  # the codes are the float32 vectors themselves
+            for lst, n in self._lists():
+                all_ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
+                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), n * code_size).copy()
+                all_vecs.append(codes.view(np.float32).reshape(n, self.dim))
+        else:
+            # sa_decode takes "list number (little-endian, coarse_code_size bytes) + code" per vector.
+            coarse = self._ivf.coarse_code_size()
+            pending, pending_n = [], 0
+
+            def flush():
+                if pending:
+                    all_vecs.append(self.index.sa_decode(np.concatenate(pending)))
+                    pending.clear()
+
+            for lst, n in self._lists():
+                all_ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
+                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), n * code_size).reshape(n, code_size)
+                prefix = np.frombuffer(np.int64(lst).astype("<i8").tobytes()[:coarse], np.uint8)
+                pending.append(np.concatenate([np.broadcast_to(prefix, (n, coarse)), codes], axis=1))
+                pending_n += n
+                if pending_n >= 65_536:  # decode in blocks: the codes' copy stays small
+                    flush()
+                    pending_n = 0
+            flush()
         if not all_ids:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
-        return np.concatenate(all_ids).astype(np.int64), np.concatenate(all_vecs)
+        return np.concatenate(all_ids).astype(np.int64), np.ascontiguousarray(np.concatenate(all_vecs), np.float32)
 
     def rebuilt_as(self, kind: str, extra: tuple[np.ndarray, np.ndarray] | None = None) -> "VectorIndex":
-        """A new index of `kind` with this one's vectors plus `extra` (vectors, ids)."""
+        """A new index of `kind` ("flat" or one of `IVF_KINDS`) with this one's vectors plus `extra`
+        (vectors, ids); an IVF kind is trained on all of them.
+
+        The vectors come from `all_vectors`: when this index is lossy (ivf-sq8, ivf-pq), the new one is
+        built from its reconstructions, not from the vectors first added, so it holds (and, for an IVF
+        kind, is trained on) approximations; quantizing them again adds the new kind's error on top.
+        Converting to "flat" then gives exact search over approximate vectors. To rebuild without that
+        loss, keep the original vectors elsewhere and use `from_vectors`. `extra` is always exact.
+        """
         ids, vectors = self.all_vectors()
         if extra is not None:
             vectors = np.concatenate([vectors, _check(extra[0], self.dim)])
             ids = np.concatenate([ids, _check_ids(extra[1], len(extra[0]))])
-        if kind != "flat" and not len(vectors):
-            raise ValueError("an IVF index is trained on its vectors: it cannot be built empty")
-        new = VectorIndex.flat(self.dim) if kind == "flat" else VectorIndex.ivf_flat(vectors)
+        if kind == "auto":
+            raise ValueError("rebuilt_as needs a concrete kind: resolve 'auto' with choose_kind")
+        new = VectorIndex.create(kind, self.dim, vectors if kind != "flat" else None)
         if len(ids):
             new.add(vectors, ids)
         return new
@@ -150,27 +342,39 @@ class VectorIndex:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         faiss.write_index(self.index, str(tmp))
+        crash_point(f"wrote {tmp.name}")
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        crash_point(f"fsynced {tmp.name}")
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        crash_point(f"renamed to {path.name}")
+        fsync_directory(path.parent)
 
     @classmethod
     def load(cls, path: str | Path) -> "VectorIndex":
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
+            if not Path(path).exists():  # deleted by a writer between listing and reading
+                raise FileNotFoundError(f"{path}: no such file") from None
             raise ValueError(f"{path}: not a readable FAISS index ({str(exc).splitlines()[0][:200]})") from None
         return cls(index)
 
 
+def fsync_directory(directory: str | Path) -> None:
+    """Make a rename inside `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def choose_kind(requested: str, n_vectors: int) -> str:
+    """The kind to build for `n_vectors`: `requested` itself, or for "auto" exact "flat" below
+    `APPROX_FROM` vectors and `AUTO_APPROX_KIND` from there on."""
     if requested not in KINDS:
         raise ValueError(f"unknown index kind {requested!r}; choose from {KINDS}")
     if requested != "auto":
         return requested
-    return "ivf-flat" if n_vectors >= APPROX_FROM else "flat"
+    return AUTO_APPROX_KIND if n_vectors >= APPROX_FROM else "flat"

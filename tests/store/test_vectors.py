@@ -1,10 +1,24 @@
 """simsearch.store.vectors: FAISS flat and IVF indexes with stable ids."""
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
-from simsearch.store.vectors import APPROX_FROM, VectorIndex, choose_kind, ivf_lists_for
+from simsearch.store.vectors import (APPROX_FROM, AUTO_APPROX_KIND, IVF_KINDS, KINDS, VectorIndex,
+                                     bytes_per_vector, choose_kind, ivf_lists_for, pq_subquantizers)
+
+ALL_KINDS = ("flat",) + IVF_KINDS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_faiss_thread():
+    """Small indexes gain nothing from threads; on a busy machine faiss's OpenMP barriers in the
+    many tiny k-means runs of ivf-pq training made these tests several times slower."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 DIM = 16
 
@@ -24,6 +38,19 @@ def _exact(data, ids, queries, k=1):
     d = np.sqrt(((queries[:, None, :].astype(np.float64) - data[None, :, :]) ** 2).sum(-1))
     order = np.argsort(d, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(d, order, axis=1), ids[order]
+
+
+@pytest.fixture(scope="module")
+def trained(clustered):
+    """kind -> a fresh empty index of that kind, trained once on the clustered data (cloned per call)."""
+    cache = {}
+
+    def make(kind):
+        if kind not in cache:  # ivf-pq trains 8 codebooks of 256 centroids: a smaller sample keeps it quick
+            cache[kind] = VectorIndex.create(kind, DIM, clustered[0][:3000] if kind == "ivf-pq" else clustered[0])
+        return VectorIndex(faiss.clone_index(cache[kind].index))
+
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +188,10 @@ def test_ivf_nprobe_setter_clamps_and_flat_ignores():
     assert flat.nprobe is None
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf-flat"])
-def test_save_load_round_trip(tmp_path, clustered, kind):
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_save_load_round_trip(tmp_path, clustered, trained, kind):
     data, ids, queries = clustered
-    index = VectorIndex.flat(DIM) if kind == "flat" else VectorIndex.ivf_flat(data)
+    index = trained(kind)
     index.add(data, ids)
     index.remove(ids[::7])
     before = index.search(queries, k=4)
@@ -173,7 +200,8 @@ def test_save_load_round_trip(tmp_path, clustered, kind):
     assert path.is_file() and not (tmp_path / "bank.faiss.tmp").exists()
     loaded = VectorIndex.load(path)
     assert loaded.kind == kind and loaded.ntotal == index.ntotal and loaded.dim == DIM
-    assert loaded.nprobe == index.nprobe
+    assert loaded.nprobe == index.nprobe and loaded.bytes_per_vector() == index.bytes_per_vector()
+    assert sorted(loaded.ids().tolist()) == sorted(index.ids().tolist())
     after = loaded.search(queries, k=4)
     np.testing.assert_array_equal(after[1], before[1])
     np.testing.assert_array_equal(after[0], before[0])
@@ -182,9 +210,10 @@ def test_save_load_round_trip(tmp_path, clustered, kind):
 
 
 @pytest.mark.parametrize("kind", ["flat", "ivf-flat"])
-def test_all_vectors_round_trip(clustered, kind):
+def test_all_vectors_round_trip(clustered, trained, kind):
     data, ids, _ = clustered
-    index = VectorIndex.flat(DIM) if kind == "flat" else VectorIndex.ivf_flat(data)
+    index = trained(kind)
+    assert not index.lossy
     index.add(data, ids)
     index.remove(ids[10:20])
     got_ids, got_vecs = index.all_vectors()
@@ -197,11 +226,11 @@ def test_all_vectors_round_trip(clustered, kind):
     np.testing.assert_array_equal(got_vecs[order], data[keep])
 
 
-def test_all_vectors_of_empty_indexes():
-    ids, vecs = VectorIndex.flat(DIM).all_vectors()
-    assert ids.shape == (0,) and vecs.shape == (0, DIM)
-    ids, vecs = VectorIndex.ivf_flat(_clustered(2000), nlist=16).all_vectors()
-    assert ids.shape == (0,) and vecs.shape == (0, DIM)
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_all_vectors_of_empty_indexes(trained, kind):
+    ids, vecs = trained(kind).all_vectors()
+    assert ids.shape == (0,) and vecs.shape == (0, DIM) and vecs.dtype == np.float32
+    assert trained(kind).ids().shape == (0,)
 
 
 def test_rebuilt_as_keeps_all_ids(clustered):
@@ -226,8 +255,18 @@ def test_load_garbage_raises_value_error(tmp_path):
     path.write_bytes(np.random.default_rng(0).bytes(4096))
     with pytest.raises(ValueError, match="not a readable FAISS index"):
         VectorIndex.load(path)
-    with pytest.raises(ValueError, match="not a readable FAISS index"):
+    with pytest.raises(FileNotFoundError):  # told apart: a reader retries when a writer replaced the file
         VectorIndex.load(tmp_path / "missing.faiss")
+
+
+def test_ids_lists_every_id_without_vectors():
+    rng = np.random.default_rng(1)
+    vecs = rng.standard_normal((3000, 8)).astype(np.float32)
+    ids = rng.permutation(10_000)[:3000].astype(np.int64)
+    for index in (VectorIndex.flat(8), VectorIndex.ivf_flat(vecs, nlist=16)):
+        index.add(vecs, ids)
+        index.remove(ids[:10])
+        assert sorted(index.ids().tolist()) == sorted(ids[10:].tolist())
 
 
 def test_ivf_lists_for_leaves_at_least_64_vectors_per_list():
@@ -242,10 +281,171 @@ def test_ivf_lists_for_leaves_at_least_64_vectors_per_list():
 
 
 def test_choose_kind():
+    assert KINDS == ("auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq")
     assert choose_kind("auto", 0) == "flat"
     assert choose_kind("auto", APPROX_FROM - 1) == "flat"
-    assert choose_kind("auto", APPROX_FROM) == "ivf-flat"
+    assert choose_kind("auto", APPROX_FROM) == AUTO_APPROX_KIND
+    assert choose_kind("auto", 10 ** 7) == AUTO_APPROX_KIND != "flat"
     assert choose_kind("flat", 10 ** 9) == "flat"
-    assert choose_kind("ivf-flat", 10) == "ivf-flat"
+    for kind in IVF_KINDS:
+        assert choose_kind(kind, 10) == kind
     with pytest.raises(ValueError, match="unknown index kind"):
         choose_kind("hnsw", 10)
+
+
+# -- every kind behind the same interface --------------------------------------------------------
+LOSSY = {"ivf-sq8", "ivf-pq"}
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_every_kind_adds_searches_removes_by_id(clustered, trained, kind):
+    data, ids, queries = clustered
+    index = trained(kind)
+    assert index.kind == kind and index.dim == DIM and index.ntotal == 0
+    assert index.lossy == (kind in LOSSY)
+    index.add(data, ids)
+    assert index.ntotal == len(data)
+    assert sorted(index.ids().tolist()) == sorted(ids.tolist())
+    if kind != "flat":
+        index.nprobe = 10 ** 6  # exhaustive: only quantization is left to differ from exact
+    # every stored vector finds itself (or, for lossy kinds, a vector at least as close to its code)
+    d, i = index.search(data[:200], k=1)
+    assert d.dtype == np.float32 and i.dtype == np.int64
+    self_hit = float((i[:, 0] == ids[:200]).mean())
+    assert self_hit == 1.0 if kind in ("flat", "ivf-flat") else self_hit >= 0.9
+    gone = ids[:300]
+    assert index.remove(gone) == 300
+    assert index.remove(gone) == 0  # already gone
+    assert index.ntotal == len(data) - 300
+    _, i = index.search(data[:300], k=5)
+    assert not np.isin(i, gone).any()
+    assert sorted(index.ids().tolist()) == sorted(ids[300:].tolist())
+    index.add(data[:10], gone[:10])  # an id can come back after removal
+    assert index.ntotal == len(data) - 290
+    assert np.isin(gone[:10], index.ids()).all()
+
+
+@pytest.mark.parametrize("kind", sorted(LOSSY))
+def test_lossy_all_vectors_are_reconstructions_consistent_with_search(clustered, trained, kind):
+    data, ids, queries = clustered
+    index = trained(kind)
+    index.add(data, ids)
+    index.remove(ids[10:20])
+    got_ids, got_vecs = index.all_vectors()
+    assert got_ids.dtype == np.int64 and got_vecs.dtype == np.float32 and got_vecs.shape == (len(data) - 10, DIM)
+    keep = np.ones(len(ids), bool)
+    keep[10:20] = False
+    order = np.argsort(got_ids)
+    np.testing.assert_array_equal(got_ids[order], ids[keep])
+    recon = got_vecs[order]
+    rel = np.linalg.norm(recon - data[keep], axis=1) / np.linalg.norm(data[keep], axis=1)
+    assert not np.array_equal(recon, data[keep])  # approximations ...
+    assert np.median(rel) < (0.01 if kind == "ivf-sq8" else 0.05)  # ... and close ones
+    # a search distance is the distance to the reconstruction of the id it names
+    index.nprobe = 10 ** 6
+    d, i = index.search(queries, k=1)
+    pos = {int(v): n for n, v in enumerate(got_ids[order])}
+    true = np.linalg.norm(queries - recon[[pos[int(v)] for v in i[:, 0]]], axis=1)
+    np.testing.assert_allclose(d[:, 0], true, rtol=2e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def recall_data():
+    """20k clustered bank vectors and 400 fresh queries from the same clusters (not copies of bank vectors)."""
+    data = _clustered(20_400, seed=7)
+    bank, queries = data[:20_000], data[20_000:]
+    flat = VectorIndex.flat(DIM)
+    flat.add(bank, np.arange(len(bank)))
+    return bank, queries, flat.search(queries, k=1)
+
+
+@pytest.mark.parametrize("kind, floor", [("ivf-flat", 0.98), ("ivf-sq8", 0.95), ("ivf-pq", 0.7)])
+def test_recall_at_1_against_flat(recall_data, kind, floor):
+    bank, queries, (fd, fi) = recall_data
+    index = VectorIndex.create(kind, DIM, bank[:4000])  # trained on a sample, holding all 20k
+    assert index.nprobe == 8  # the default for up to 64 * 64 lists
+    index.add(bank, np.arange(len(bank)))
+    index.nprobe = 32  # generous: most of the recall left to lose is the quantizer's
+    d, i = index.search(queries, k=10)
+    recall = float((i[:, 0] == fi[:, 0]).mean())
+    assert recall >= floor, recall
+    assert float((i == fi).any(axis=1).mean()) >= 0.98  # the true neighbour is in the top 10
+    rel = np.abs(d[:, 0] - fd[:, 0]) / fd[:, 0]
+    # approximate search can only miss the nearest neighbour: a lossy code can also come out closer
+    assert np.median(rel) < {"ivf-flat": 1e-5, "ivf-sq8": 0.01, "ivf-pq": 0.05}[kind]
+
+
+def test_bytes_per_vector_orders_pq_below_sq8_below_flat(clustered, trained):
+    data, ids, _ = clustered
+    sizes = {}
+    for kind in ALL_KINDS:
+        index = trained(kind)
+        sizes[kind] = index.bytes_per_vector()
+        assert sizes[kind] == bytes_per_vector(kind, DIM)
+        index.add(data, ids)
+        assert index.memory_bytes() >= index.ntotal * sizes[kind]
+    assert sizes == {"flat": 4 * DIM + 8, "ivf-flat": 4 * DIM + 8, "ivf-sq8": DIM + 8, "ivf-pq": DIM // 2 + 8}
+    assert sizes["ivf-pq"] < sizes["ivf-sq8"] < sizes["flat"]
+    # the project's dims, without building anything: d=152 (40 + 112 channels) and d=64
+    assert [bytes_per_vector(k, 152) for k in ALL_KINDS] == [616, 616, 160, 84]
+    assert [bytes_per_vector(k, 64) for k in ALL_KINDS] == [264, 264, 72, 40]
+    with pytest.raises(ValueError, match="unknown index kind"):
+        bytes_per_vector("auto", 64)
+
+
+def test_pq_subquantizers_divide_the_dimension_or_pad_it():
+    assert pq_subquantizers(152) == (152, 76)
+    assert pq_subquantizers(64) == (64, 32)
+    assert pq_subquantizers(15) == (15, 5)  # sub-vectors of 3
+    assert pq_subquantizers(113) == (114, 57)  # a prime: padded with one zero dimension
+    assert pq_subquantizers(1) == (2, 1)
+    for dim in range(1, 300):
+        padded, m = pq_subquantizers(dim)
+        assert padded in (dim, dim + 1) and padded % m == 0 and 2 <= padded // m <= 4
+
+
+def test_ivf_pq_on_a_dimension_without_a_good_divisor(tmp_path):
+    dim = 13  # prime: the index pads the vectors to 14 inside (IndexPreTransform)
+    data = _clustered(3000, dim=dim)
+    ids = np.arange(3000, dtype=np.int64) + 7
+    index = VectorIndex.create("ivf-pq", dim, data, nlist=8)
+    assert index.kind == "ivf-pq" and index.dim == dim and index.bytes_per_vector() == 7 + 8
+    index.add(data, ids)
+    index.nprobe = 3
+    assert index.nprobe == 3
+    assert index.remove(ids[:5]) == 5
+    got_ids, vecs = index.all_vectors()
+    assert vecs.shape == (2995, dim) and sorted(got_ids.tolist()) == ids[5:].tolist()
+    order = np.argsort(got_ids)
+    assert np.median(np.linalg.norm(vecs[order] - data[5:], axis=1) / np.linalg.norm(data[5:], axis=1)) < 0.1
+    index.save(tmp_path / "pq.faiss")
+    loaded = VectorIndex.load(tmp_path / "pq.faiss")
+    assert loaded.kind == "ivf-pq" and loaded.nprobe == 3 and loaded.ntotal == 2995
+    np.testing.assert_array_equal(loaded.search(data[:50], k=3)[1], index.search(data[:50], k=3)[1])
+
+
+def test_create_needs_training_vectors_and_a_concrete_kind():
+    with pytest.raises(ValueError, match="cannot be built empty"):
+        VectorIndex.create("ivf-sq8", DIM)
+    with pytest.raises(ValueError, match="unknown index kind"):
+        VectorIndex.create("auto", DIM, _random(100))
+    small = VectorIndex.from_vectors("auto", _random(100))
+    assert small.kind == "flat" and sorted(small.ids().tolist()) == list(range(100))
+
+
+def test_rebuilt_as_from_a_lossy_index_carries_its_approximations(clustered):
+    data, ids, queries = clustered
+    flat = VectorIndex.flat(DIM)
+    flat.add(data[:5000], ids[:5000])
+    sq8 = flat.rebuilt_as("ivf-sq8", extra=(data[5000:], ids[5000:]))
+    assert sq8.kind == "ivf-sq8" and sq8.ntotal == len(data)
+    sq8_ids, sq8_vecs = sq8.all_vectors()
+    back = sq8.rebuilt_as("flat")
+    assert back.kind == "flat" and not back.lossy
+    back_ids, back_vecs = back.all_vectors()
+    np.testing.assert_array_equal(back_ids, sq8_ids)
+    np.testing.assert_array_equal(back_vecs, sq8_vecs)  # the reconstructions, not the vectors first added
+    order = np.argsort(back_ids)
+    assert not np.array_equal(back_vecs[order], data)
+    with pytest.raises(ValueError, match="concrete kind"):
+        flat.rebuilt_as("auto")
