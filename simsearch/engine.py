@@ -448,15 +448,19 @@ class Engine:
             if per_image:
                 vectors = np.concatenate(new_vectors)
                 ids = np.concatenate(new_ids)
-                kind = choose_kind(self.config.index_kind, self._bank.ntotal + len(ids))
-                if kind != self._bank.kind:
-                    self._bank = self._bank.rebuilt_as(kind, extra=(vectors, ids))
-                else:
-                    self._bank.add(vectors, ids)
+                self._bank = self._grown(self._bank, vectors, ids)
                 self._pooled.add(np.stack(pooled_vecs), np.asarray(pooled_ids, dtype=np.int64))
                 generation = self._publish(conn, next_vector_id=next_id)
         self._after_commit(generation)
         return n_added, generation
+
+    def _grown(self, bank: VectorIndex, vectors: np.ndarray, ids: np.ndarray) -> VectorIndex:
+        """`bank` with these vectors added, rebuilt as another kind when its new size calls for one."""
+        kind = choose_kind(self.config.index_kind, bank.ntotal + len(ids))
+        if kind != bank.kind:
+            return bank.rebuilt_as(kind, extra=(vectors, ids))
+        bank.add(vectors, ids)
+        return bank
 
     @contextlib.contextmanager
     def _bank_transaction(self):
@@ -697,8 +701,9 @@ class Engine:
                 report[key] = int(len(ids))
                 if len(ids):
                     problems.append(f"{key.replace('_', ' ')}: {len(ids)} ids (e.g. {int(ids[0])})")
-            if len(np.unique(bank_ids)) != len(bank_ids):
-                problems.append(f"the bank holds {len(bank_ids) - len(np.unique(bank_ids))} duplicate ids")
+            duplicates = len(bank_ids) - len(np.unique(bank_ids))
+            if duplicates:
+                problems.append(f"the bank holds {duplicates} duplicate ids")
         if not self._writer_active():
             report["stray_files"] = [p.name for p in bankfiles.stray_files(self.directory, generation)]
             if report["stray_files"]:
@@ -722,14 +727,16 @@ class Engine:
             if removed:
                 actions.append(f"deleted {len(removed)} stray bank files: {', '.join(p.name for p in removed)}")
             snap = self.catalog.snapshot()
+            changed = False
             try:
                 banks = bankfiles.load_generation(self.directory, generation)
             except (FileNotFoundError, ValueError) as exc:
                 actions.append(f"bank files of generation {generation} unusable ({exc}): rebuilding from the images")
-                banks = {}
-            bank = (banks or {}).get("patches") or VectorIndex.flat(self.config.feature_dim)
-            pooled = (banks or {}).get("images") or VectorIndex.flat(self.config.feature_dim)
-            changed = banks == {}
+                banks, changed = None, True
+            if banks is None:
+                bank, pooled = VectorIndex.flat(self.config.feature_dim), VectorIndex.flat(self.config.feature_dim)
+            else:
+                bank, pooled = banks["patches"], banks["images"]
             for name, index, known in (("bank vectors", bank, snap["vector_ids"]),
                                        ("pooled vectors", pooled, snap["reference_ids"])):
                 orphans = np.setdiff1d(index.ids(), known)
@@ -771,11 +778,7 @@ class Engine:
                     pooled.remove(np.asarray(dropped, np.int64))
                 if ids:
                     vectors, ids = np.concatenate(vectors), np.concatenate(ids)
-                    kind = choose_kind(self.config.index_kind, bank.ntotal + len(ids))
-                    if kind == bank.kind:
-                        bank.add(vectors, ids)
-                    else:
-                        bank = bank.rebuilt_as(kind, extra=(vectors, ids))
+                    bank = self._grown(bank, vectors, ids)
                 self._bank, self._pooled = bank, pooled
                 if changed or dropped or lacking:
                     generation = self._publish(conn)
