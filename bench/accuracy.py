@@ -158,7 +158,20 @@ def write_markdown() -> None:
                              + f" | {sum(r['wall_seconds'] for r in mine) / 60:.1f} min |")
         lines.append("")
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(lines) + "\n")
+    OUT.write_text("\n".join(lines) + "\n" + other_sections({r["dataset"] for r in records}))
+
+
+def other_sections(datasets: set[str]) -> str:
+    """The `## ` sections of docs/benchmarks.md that other benchmarks wrote (not a dataset's), kept as they are."""
+    if not OUT.exists():
+        return ""
+    kept, keep = [], False
+    for line in OUT.read_text().splitlines():
+        if line.startswith("## "):
+            keep = line[3:].strip() not in datasets
+        if keep:
+            kept.append(line)
+    return "\n".join(kept) + "\n" if kept else ""
 
 
 def main() -> None:

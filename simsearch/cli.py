@@ -6,6 +6,7 @@ The exit code is 0 unless something failed (an anomaly is a result, not an error
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -329,6 +330,63 @@ def eval_command(
     if report is not None:
         written = write_eval_report(results, mean, report, title=f"simsearch eval: {dataset} ({method})")
         err.print(f"report: {written}", highlight=False)
+
+
+@app.command()
+def serve(
+    index: Annotated[Optional[list[str]], typer.Option(
+        "--index", help="NAME=DIR of an index to serve (repeatable); DIR alone is named after its folder. "
+                        "Default: SIMSEARCH_INDEX or ./index, unless --root is given.")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Serve every index folder inside this folder, by its name.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; other than 127.0.0.1 only on purpose.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token_file: Annotated[Optional[Path], typer.Option(help="File holding the token that writes (and, with "
+                                                             "--auth-reads, reads) need; default: SIMSEARCH_TOKEN.")] = None,
+    auth_reads: Annotated[bool, typer.Option(help="Require the token for queries and other reads too.")] = False,
+    expose_paths: Annotated[bool, typer.Option(help="Show server paths of reference images in answers.")] = False,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 50.0,
+    max_pixels: Annotated[int, typer.Option(help="Largest image, in pixels (checked before decoding).")] = 50_000_000,
+    max_images: Annotated[int, typer.Option(help="Most images in one request.")] = 16,
+    workers: Annotated[int, typer.Option(help="Worker processes (each loads each model once).")] = 1,
+):
+    """Serve indexes over HTTP (API under /v1, OpenAPI at /docs) with the inspection dashboard at /dashboard/."""
+    try:
+        from .server.app import ServerSettings
+        from .server.app import serve as run_server
+    except ImportError as exc:
+        fail(f"`simsearch serve` needs the serve extra ({exc.name} is missing): pip install 'simsearch[serve]'")
+    named: dict[str, str] = {}
+    if not index and root is None:
+        index = [os.environ.get("SIMSEARCH_INDEX", "index")]
+    for item in index or []:
+        name, _, directory = item.rpartition("=")
+        directory = Path(directory)
+        name = name or directory.resolve().name
+        if name in named:
+            fail(f"two indexes are named {name!r}; name them with NAME=DIR")
+        named[name] = str(directory.resolve())
+        if not Engine.exists(directory):
+            err.print(f"[yellow]warning:[/yellow] {directory} holds no index yet; {name!r} answers 503 until one is "
+                      "built there", highlight=False)
+    if root is not None and not root.is_dir():
+        fail(f"{root}: no such folder")
+    settings = ServerSettings(indexes=named, root=str(root.resolve()) if root else None,
+                              token_file=str(token_file) if token_file else None, auth_reads=auth_reads,
+                              expose_paths=expose_paths, max_upload_bytes=int(max_upload_mb * 2**20),
+                              max_pixels=max_pixels, max_images=max_images)
+    with user_errors():
+        token = settings.token()
+    if token is None and auth_reads:
+        fail("--auth-reads needs a token: set SIMSEARCH_TOKEN or give --token-file")
+    if token is None:
+        err.print("[yellow]note:[/yellow] no token (SIMSEARCH_TOKEN or --token-file): writes are disabled",
+                  highlight=False)
+    if host not in ("127.0.0.1", "localhost", "::1") and (token is None or not auth_reads):
+        err.print(f"[yellow]warning:[/yellow] listening on {host} with reads open to anyone who can reach it "
+                  "(--auth-reads requires the token for them)", highlight=False)
+    err.print(f"dashboard: http://{host}:{port}/dashboard/   API docs: http://{host}:{port}/docs", highlight=False)
+    with user_errors():
+        run_server(settings, host=host, port=port, workers=workers)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,12 +48,17 @@ class EmbedderMismatch(SimsearchError):
     pass
 
 
+class WriterBusy(SimsearchError):
+    """Another writer held the index's lock for longer than SIMSEARCH_LOCK_TIMEOUT."""
+
+
 @dataclass
 class NearestReference:
     image: str  # reference image path as stored (absolute)
     x: int  # top-left of the reference patch, in that image's pixels
     y: int
     distance: float  # L2 distance between the two patch vectors
+    sha256: str = ""  # the reference image's content hash (names it without a server path)
 
 
 @dataclass
@@ -124,6 +130,8 @@ class Engine:
         self._bank: VectorIndex | None = None
         self._pooled: VectorIndex | None = None
         self._bank_generation: int | None = None
+        # Threads sharing one Engine (the server's queries) load each generation once, never an older one.
+        self._bank_lock = threading.RLock()
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -267,8 +275,19 @@ class Engine:
             self._embedder = Embedder(cfg, net)
         return self._embedder
 
+    def use_embedder(self, embedder: Embedder) -> None:
+        """Use a model another Engine has loaded (a server loads it once per process); it must be this index's."""
+        if embedder.config.fingerprint != self.config.fingerprint:
+            raise EmbedderMismatch(f"{self.directory}: the shared model was built for index fingerprint "
+                                   f"{embedder.config.fingerprint}, this index has {self.config.fingerprint}")
+        self._embedder = embedder
+
     def _load_banks(self) -> None:
         """The banks of the catalog's current generation (reloaded when a writer has moved it on)."""
+        with self._bank_lock:
+            self._load_banks_unlocked()
+
+    def _load_banks_unlocked(self) -> None:
         for _attempt in range(5):
             generation = self.catalog.state()["generation"]
             if self._bank is not None and self._bank_generation == generation:
@@ -292,8 +311,9 @@ class Engine:
 
     @property
     def bank(self) -> VectorIndex:
-        self._load_banks()
-        return self._bank
+        with self._bank_lock:
+            self._load_banks()
+            return self._bank
 
     @contextlib.contextmanager
     def _writer_lock(self, clean: bool = True):
@@ -307,7 +327,7 @@ class Engine:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise SimsearchError(f"{self.directory} is being written by another process; gave up after "
+                        raise WriterBusy(f"{self.directory} is being written by another process; gave up after "
                                              f"{LOCK_TIMEOUT_S:.0f} s (SIMSEARCH_LOCK_TIMEOUT)") from None
                     time.sleep(0.1)
             if clean:  # a writer killed before its commit leaves files of a generation never committed
@@ -548,7 +568,7 @@ class Engine:
         if ref is None:
             return None
         return NearestReference(image=ref["path"], x=int(ref["x"]), y=int(ref["y"]),
-                                distance=float(scored["nn_dist"][row, col]))
+                                distance=float(scored["nn_dist"][row, col]), sha256=ref["sha256"])
 
     def query(self, image: str | os.PathLike | np.ndarray) -> QueryResult:
         """Score one image (path, or (H, W, 3) RGB / (H, W) grey uint8 array) against the bank."""

@@ -51,6 +51,10 @@ class ImageError(ValueError):
         super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
+class ImageTooLarge(ImageError):
+    """More pixels than the limit (a server answers 413 rather than 422)."""
+
+
 @dataclass(frozen=True)
 class Image:
     rgb: np.ndarray  # (H, W, 3) uint8, RGB
@@ -111,7 +115,7 @@ def to_rgb8(pixels: np.ndarray, source: str = "<array>", *, bgr: bool = False) -
 
 def _check_size(width: int, height: int, source: str, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise ImageError(f"{source}: image is {width}x{height}, over the limit of {max_pixels} pixels")
+        raise ImageTooLarge(f"{source}: image is {width}x{height}, over the limit of {max_pixels} pixels")
     if min(width, height) < MIN_SIDE:
         raise ImageError(f"{source}: image is {width}x{height}, smaller than the minimum {MIN_SIDE} px per side")
 

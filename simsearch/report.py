@@ -56,7 +56,8 @@ def write_heatmap(result: QueryResult, rgb: np.ndarray, directory: str | os.Path
 def query_record(result: QueryResult) -> dict:
     """The JSON line of one query (see README: keys and units)."""
     def nearest(n):
-        return None if n is None else {"image": n.image, "x": n.x, "y": n.y, "distance": round(n.distance, 6)}
+        return None if n is None else {"image": n.image, "sha256": n.sha256, "x": n.x, "y": n.y,
+                                       "distance": round(n.distance, 6)}
 
     def region(r):
         return {"x": r.x, "y": r.y, "w": r.w, "h": r.h, "area": r.area, "score": round(r.score, 6),
