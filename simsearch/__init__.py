@@ -1,5 +1,11 @@
 """simsearch: find defects in images by similarity to defect-free ones (PatchCore on FAISS + SQLite)."""
+import os
+
 __version__ = "0.1.0"
+
+# Before torch or faiss load their OpenMP runtimes: idle threads sleep rather than spin, so that on
+# shared cores they do not steal time from working ones (simsearch/runtime.py; docs/benchmarks.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __all__ = ["Engine", "QueryResult", "SimsearchError", "__version__"]
 

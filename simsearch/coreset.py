@@ -14,6 +14,7 @@ product is used rather than torch's, which was about 4x slower on CPU for this s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import faiss
 import numpy as np
@@ -124,18 +125,46 @@ def select_coreset(vectors: np.ndarray, *, ratio: float | None = None, size: int
     x = _as_f32(vectors)
     n, dim = x.shape
     n_select = coreset_size(n, ratio, size)
+    if n_select == n:
+        return Coreset(np.arange(n, dtype=np.int64), 0.0, dim > projection_dim)
+    if existing is not None and len(existing):
+        e = _as_f32(existing)
+        if e.shape[1] != dim:
+            raise ValueError(f"existing vectors must be (M, {dim}), got {e.shape}")
+        proj = _projection(dim, projection_dim, seed)
+        to_existing = np.sqrt(_nearest(_project(x, proj), _project(e, proj))[0])
+        if existing_distances is not None:
+            to_existing = np.minimum(to_existing, np.asarray(existing_distances, np.float32).reshape(to_existing.shape))
+        existing_distances = to_existing
+    return select_coreset_blocks(lambda: iter([x]), n, dim, size=n_select, existing_distances=existing_distances,
+                                 projection_dim=projection_dim, seed=seed)
+
+
+def select_coreset_blocks(blocks: Callable[[], Iterable[np.ndarray]], n: int, dim: int, *,
+                          ratio: float | None = None, size: int | None = None,
+                          existing_distances: np.ndarray | None = None, projection_dim: int = 128,
+                          seed: int = 0) -> Coreset:
+    """`select_coreset` over N = `n` vectors of `dim` dimensions that `blocks()` yields as (m, dim)
+    blocks (called once), for a set too large to hold: only its projection, (n, min(dim,
+    projection_dim)) float32, is kept. `existing_distances` as in `select_coreset`. The same picks as
+    `select_coreset` on the concatenated blocks."""
+    n_select = coreset_size(n, ratio, size)
     projected = dim > projection_dim
     if n_select == n:
         return Coreset(np.arange(n, dtype=np.int64), 0.0, projected)
     rng = np.random.default_rng(seed)
     proj = _projection(dim, projection_dim, seed)
-    xp = _project(x, proj)
+    xp = np.empty((n, proj.shape[1] if proj is not None else dim), np.float32)
+    filled = 0
+    for block in blocks():
+        b = _as_f32(block)
+        if b.shape[1] != dim or filled + len(b) > n:
+            raise ValueError(f"blocks must be (m, {dim}) and hold {n} vectors in all")
+        xp[filled:filled + len(b)] = _project(b, proj)
+        filled += len(b)
+    if filled != n:
+        raise ValueError(f"the blocks held {filled} vectors, not the {n} announced")
     min_d2 = np.full(n, np.inf, np.float32)
-    if existing is not None and len(existing):
-        e = _as_f32(existing)
-        if e.shape[1] != dim:
-            raise ValueError(f"existing vectors must be (M, {dim}), got {e.shape}")
-        np.minimum(min_d2, _nearest(xp, _project(e, proj))[0], out=min_d2)
     if existing_distances is not None:
         ed = np.asarray(existing_distances, dtype=np.float32).reshape(-1)
         if ed.shape != (n,):

@@ -14,8 +14,10 @@ import fcntl
 import hashlib
 import os
 import shutil
+import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -26,13 +28,15 @@ from . import __version__
 from .backbones import EMBEDDED, Backbone, build_backbone, file_sha256, layers_for_strides
 from .calibration import f1_best_threshold, threshold_for_fpr
 from .config import DEFAULT_BACKBONE, IndexConfig
-from .coreset import coreset_size, greedy_coreset
+from .coreset import select_coreset_blocks
 from .features import Embedder, PatchGrid
-from .images import Image, ImageError, decode, expand_paths, load_image
+from .images import Image, ImageError, decode, expand_paths, load_image, read_ahead
+from .runtime import configure_threads
 from .scoring import find_regions, image_score, patch_scores, region_level, similarity_from_score, smooth
 from .faults import crash_point
 from .store import bankfiles
 from .store.catalog import Catalog
+from .store.spool import VectorSpool
 from .store.vectors import VectorIndex, choose_kind, fsync_directory
 from .tiling import grid_to_image
 
@@ -101,6 +105,16 @@ class AddReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     vectors_added: int = 0
     generation: int = 0
+
+
+@dataclass
+class _NewReference:
+    """A new reference image's catalog data, its vectors waiting in the add's spool."""
+
+    row: dict  # the images row
+    boxes: list[tuple[int, int, int, int]]  # tile boxes in original pixels
+    table: np.ndarray  # (n, 5) int64 [tile, row, col, x, y] per vector, in spool order
+    pooled: np.ndarray  # (D,) float32 unit-length mean of its vectors
 
 
 @dataclass
@@ -184,6 +198,7 @@ class Engine:
         fsync_directory(directory)
         engine = cls(directory, Catalog(directory / cls.DB), config)
         engine._embedder = Embedder(config, net)
+        configure_threads()
         return engine
 
     @classmethod
@@ -273,6 +288,7 @@ class Engine:
                 raise EmbedderMismatch(f"the {cfg.backbone} weights found here differ from the ones this index was "
                                        f"built with (hash {net.weights_sha256[:12]} vs {cfg.weights_sha256[:12]})")
             self._embedder = Embedder(cfg, net)
+            configure_threads()
         return self._embedder
 
     def use_embedder(self, embedder: Embedder) -> None:
@@ -377,109 +393,143 @@ class Engine:
         explicit = {os.path.abspath(p) for p in inputs if os.path.isfile(p)}
         report = AddReport(skipped=list(skipped))
         with self._writer_lock():
-            # 1. read and hash; skip duplicates (in this batch or already stored)
-            blobs: dict[str, tuple[str, bytes]] = {}
+            # 1. hash; skip duplicates (in this batch or already stored). The bytes are read again to
+            # decode: holding every file's bytes until then would cost the whole input in memory.
+            hashed: dict[str, str] = {}  # sha256 -> path
             for path in files:
                 try:
-                    with open(path, "rb") as fh:
-                        data = fh.read()
+                    sha = file_sha256(path)
                 except OSError as exc:
                     if os.path.abspath(path) in explicit:
                         raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
                     report.skipped.append((path, f"cannot read ({exc.strerror or exc})"))
                     continue
-                sha = hashlib.sha256(data).hexdigest()
-                if sha in blobs:
-                    report.skipped.append((path, f"same image as {blobs[sha][0]}"))
+                if sha in hashed:
+                    report.skipped.append((path, f"same image as {hashed[sha]}"))
                     continue
-                blobs[sha] = (path, data)
-            stored = self.catalog.known_hashes(list(blobs))
+                hashed[sha] = path
+            stored = self.catalog.known_hashes(list(hashed))
             for sha, row in stored.items():
-                report.skipped.append((blobs.pop(sha)[0], f"already in the index ({row['role']}: {row['path']})"))
+                report.skipped.append((hashed.pop(sha), f"already in the index ({row['role']}: {row['path']})"))
             # 2. hold out a deterministic slice for calibration
-            order = sorted(blobs)
+            order = sorted(hashed)
             n_hold = int(round(holdout * len(order)))
             if holdout > 0 and len(order) >= 2:
                 n_hold = min(max(n_hold, 1), len(order) - 1)
             held = set(order[:n_hold])
-            # 3. decode everything, embed the references (nothing is written until all have worked)
-            new_refs: list[tuple[dict, PatchGrid]] = []
-            new_held: list[dict] = []
-            total = len(order)
-            for i, sha in enumerate(sorted(blobs, key=lambda s: blobs[s][0])):
-                path, data = blobs[sha]
+            # 3. decode and embed the references, their vectors streamed to a spool file (nothing is
+            # written to the index until all have worked), then write them in one transaction
+            todo = [(hashed[sha], sha) for sha in sorted(hashed, key=lambda s: hashed[s])]
+            with tempfile.TemporaryDirectory(prefix="simsearch-add-") as tmp, \
+                    VectorSpool(Path(tmp) / "vectors.f32", self.config.feature_dim) as spool:
+                new_refs, new_held = self._embed_new(todo, held, explicit, report, spool, progress)
                 if progress:
-                    progress(i, total, path)
-                try:
-                    rgb = decode(data, path)
-                except ImageError as exc:
-                    if os.path.abspath(path) in explicit:
-                        raise
-                    report.skipped.append((path, str(exc).split(": ", 1)[-1]))
+                    progress(len(todo), len(todo), "writing")
+                report.vectors_added, report.generation = self._write_additions(new_refs, new_held, spool, coreset)
+        return report
+
+    def _embed_new(self, todo: list[tuple[str, str]], held: set[str], explicit: set[str], report: AddReport,
+                   spool: VectorSpool, progress: Progress | None) -> tuple[list[_NewReference], list[dict]]:
+        """Decode `todo` ((path, sha256) pairs) a few images ahead, embed the references in batches
+        across images and append their vectors to `spool`. Returns the references' catalog data (in
+        spool order) and the held-out images' rows. Unreadable files named explicitly raise; others
+        are skipped and reported."""
+        new_refs: list[_NewReference] = []
+        new_held: list[dict] = []
+        rows: deque[dict] = deque()  # references handed to the embedder, not yet embedded
+
+        def read(item: tuple[str, str]) -> np.ndarray:
+            path, sha = item
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except OSError as exc:
+                raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise ImageError(f"{path}: changed while being added")
+            return decode(data, path)
+
+        def references():
+            for i, ((path, sha), rgb, error) in enumerate(read_ahead(todo, read)):
+                if progress:
+                    progress(i, len(todo), path)
+                if error is not None:
+                    if not isinstance(error, ImageError) or os.path.abspath(path) in explicit:
+                        raise error
+                    report.skipped.append((path, str(error).split(": ", 1)[-1]))
                     continue
                 row = dict(path=os.path.abspath(path), sha256=sha, width=int(rgb.shape[1]), height=int(rgb.shape[0]),
                            added_at=time.time())
                 if sha in held:
                     new_held.append(row)
                     report.held_out.append(path)
-                else:
-                    new_refs.append((row, self.embedder.embed(Image(rgb=rgb, sha256=sha, source=path))))
-                    report.added.append(path)
-            if progress:
-                progress(total, total, "writing")
-            report.vectors_added, report.generation = self._write_additions(new_refs, new_held, coreset)
-        return report
+                    continue
+                rows.append(row)
+                report.added.append(path)
+                yield Image(rgb=rgb, sha256=sha, source=path)
 
-    def _write_additions(self, new_refs: list[tuple[dict, PatchGrid]], new_held: list[dict],
+        for grid in self.embedder.embed_many(references()):
+            boxes, table = self._cell_rows(grid)
+            spool.append(grid.features.reshape(-1, grid.features.shape[-1]))
+            new_refs.append(_NewReference(rows.popleft(), boxes, table, self._pooled_vector(grid)))
+        return new_refs, new_held
+
+    def _write_additions(self, new_refs: list[_NewReference], new_held: list[dict], spool: VectorSpool,
                          coreset: float | None) -> tuple[int, int]:
+        """One transaction: catalog rows, then the bank grown from the spool (block by block), then the
+        next generation's files; its commit makes the add take effect."""
         state = self.catalog.state()
         if not new_refs and not new_held:
             return 0, state["generation"]
         self._load_banks()
-        per_image = []
-        for row, grid in new_refs:
-            boxes, table = self._cell_rows(grid)
-            per_image.append((row, grid, boxes, table, grid.features.reshape(-1, grid.features.shape[-1])))
-        keep_masks = [np.ones(len(p[3]), dtype=bool) for p in per_image]
-        if coreset is not None and coreset < 1 and per_image:
-            all_new = np.concatenate([p[4] for p in per_image])
+        n_new = len(spool)
+        keep = np.ones(n_new, dtype=bool)
+        if coreset is not None and coreset < 1 and n_new:
             # Each new vector's distance to the bank: new vectors near it are picked last (never re-reads the bank).
-            near = self._bank.search(all_new, 1)[0][:, 0] if self._bank.ntotal else None
-            chosen = greedy_coreset(all_new, coreset_size(len(all_new), ratio=coreset), existing_distances=near)
-            flat_mask = np.zeros(len(all_new), dtype=bool)
-            flat_mask[chosen] = True
-            keep_masks = np.split(flat_mask, np.cumsum([len(p[3]) for p in per_image])[:-1])
-        next_id = int(state["next_vector_id"])
-        new_vectors, new_ids = [], []
+            near = (np.concatenate([self._bank.search(block, 1)[0][:, 0] for block in spool.blocks()])
+                    if self._bank.ntotal else None)
+            chosen = select_coreset_blocks(spool.blocks, n_new, spool.dim, ratio=coreset, existing_distances=near)
+            keep[:] = False
+            keep[chosen.indices] = True
+        keep_masks = np.split(keep, np.cumsum([len(r.table) for r in new_refs])[:-1]) if new_refs else []
+        first_id = next_id = int(state["next_vector_id"])
         generation = state["generation"]
         with self._bank_transaction() as conn:
             self.catalog.insert_calibration_images(conn, new_held)
             pooled_ids, pooled_vecs = [], []
-            for (row, grid, boxes, table, vecs), keep in zip(per_image, keep_masks):
-                ids = np.arange(next_id, next_id + int(keep.sum()), dtype=np.int64)
+            for ref, mask in zip(new_refs, keep_masks):
+                ids = np.arange(next_id, next_id + int(mask.sum()), dtype=np.int64)
                 next_id += len(ids)
-                image_id = self.catalog.insert_reference(conn, row, boxes, np.column_stack([ids, table[keep]]))
-                crash_point(f"catalog rows of {row['path']}")
-                new_vectors.append(vecs[keep])
-                new_ids.append(ids)
+                image_id = self.catalog.insert_reference(conn, ref.row, ref.boxes, np.column_stack([ids, ref.table[mask]]))
+                crash_point(f"catalog rows of {ref.row['path']}")
                 pooled_ids.append(image_id)
-                pooled_vecs.append(self._pooled_vector(grid))
-            n_added = int(sum(len(i) for i in new_ids))
-            if per_image:
-                vectors = np.concatenate(new_vectors)
-                ids = np.concatenate(new_ids)
-                self._bank = self._grown(self._bank, vectors, ids)
+                pooled_vecs.append(ref.pooled)
+            n_added = next_id - first_id
+            if new_refs:
+                def kept_blocks():  # the j-th kept vector got id first_id + j
+                    pos, given = 0, first_id
+                    for block in spool.blocks():
+                        mask = keep[pos:pos + len(block)]
+                        pos += len(block)
+                        n = int(mask.sum())
+                        yield block[mask], np.arange(given, given + n, dtype=np.int64)
+                        given += n
+                self._bank = self._grown(self._bank, kept_blocks, n_added)
                 self._pooled.add(np.stack(pooled_vecs), np.asarray(pooled_ids, dtype=np.int64))
                 generation = self._publish(conn, next_vector_id=next_id)
         self._after_commit(generation)
         return n_added, generation
 
-    def _grown(self, bank: VectorIndex, vectors: np.ndarray, ids: np.ndarray) -> VectorIndex:
-        """`bank` with these vectors added, rebuilt as another kind when its new size calls for one."""
-        kind = choose_kind(self.config.index_kind, bank.ntotal + len(ids))
+    def _grown(self, bank: VectorIndex, blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+               n_more: int) -> VectorIndex:
+        """`bank` with the (vectors, ids) blocks of `blocks()` (`n_more` vectors) added, rebuilt as
+        another kind when its new size calls for one; one block in memory at a time."""
+        kind = choose_kind(self.config.index_kind, bank.ntotal + n_more)
         if kind != bank.kind:
-            return bank.rebuilt_as(kind, extra=(vectors, ids))
-        bank.add(vectors, ids)
+            return bank.grown_as(kind, blocks, n_more)
+        for vectors, ids in blocks():
+            if len(ids):
+                bank.add(vectors, ids)
         return bank
 
     @contextlib.contextmanager
@@ -798,7 +848,7 @@ class Engine:
                     pooled.remove(np.asarray(dropped, np.int64))
                 if ids:
                     vectors, ids = np.concatenate(vectors), np.concatenate(ids)
-                    bank = self._grown(bank, vectors, ids)
+                    bank = self._grown(bank, lambda: [(vectors, ids)], len(ids))
                 self._bank, self._pooled = bank, pooled
                 if changed or dropped or lacking:
                     generation = self._publish(conn)

@@ -1,11 +1,15 @@
 """Patch features: image -> tiles -> backbone maps -> one vector per patch cell.
 
 The maths (`patch_features`) is a plain torch function; `Embedder` is the glue that applies
-the index's configuration (scale, tiling, preprocessing) to one image.
+the index's configuration (scale, tiling, preprocessing) to images. `Embedder.embed_many` runs the
+backbone on batches of tiles taken across consecutive images (a magnetic-tile image has about six
+tiles: alone it would leave the batch short), and yields each image's grid as soon as it is complete.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -16,7 +20,16 @@ from .config import IndexConfig
 from .images import Image
 from .tiling import TileLayout, cut_tiles, plan_tiles, resize_to_scale, stitch_cells
 
-MAX_TILES_PER_BATCH = 16
+# Pixels per backbone call. On the 2-core CPU a 256 px tile cost about 30 ms in batches of 2, 37 ms
+# alone or in fours and 52-55 ms in batches of 8-16 (activations outgrow the caches); 192 px tiles were
+# fastest in fours (docs/benchmarks.md). So: 2 tiles of 256 px, 3 of 192 px, 8 of 128 px per call.
+BATCH_PIXELS = 2 * 256 * 256
+MAX_WAITING = 16  # images whose tiles may wait for a batch to fill
+
+
+def tiles_per_batch(height: int, width: int, batch_pixels: int = BATCH_PIXELS) -> int:
+    """How many (height, width) tiles go into one backbone call."""
+    return max(1, batch_pixels // max(1, height * width))
 
 
 def patch_features(maps: list[torch.Tensor], neighbourhood: int = 3, dims: int | None = None) -> torch.Tensor:
@@ -83,8 +96,19 @@ class PatchGrid:
         return boxes
 
 
+@dataclass
+class _Pending:
+    """An image whose tiles are (partly) waiting for the backbone."""
+
+    image: Image
+    layout: TileLayout
+    tiles: np.ndarray  # (T, h, w, 3) uint8
+    feats: list = field(default_factory=list)  # per tile: (h/stride, w/stride, D) float32, None until run
+    done: int = 0
+
+
 class Embedder:
-    """Applies one index configuration: image -> PatchGrid."""
+    """Applies one index configuration: image(s) -> PatchGrid(s)."""
 
     def __init__(self, config: IndexConfig, backbone: Backbone):
         if backbone.reductions[0] != config.patch_stride:
@@ -94,28 +118,86 @@ class Embedder:
         self.backbone = backbone
         self._mean = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        # Weights in channels_last too (the inputs are): oneDNN then needs no layout reorder per call.
+        backbone.model.to(memory_format=torch.channels_last)
 
     @property
     def dim(self) -> int:
         return self.config.dims or sum(self.backbone.channels)
 
     @torch.inference_mode()
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """(B, h, w, 3) uint8 RGB tiles of one shape -> (B, h/stride, w/stride, D) float32, one backbone call."""
+        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+        x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+        maps = self.backbone.model(x)
+        return patch_features(list(maps), self.config.neighbourhood, self.config.dims).numpy()
+
     def embed_tiles(self, tiles: np.ndarray) -> torch.Tensor:
         """(T, h, w, 3) uint8 RGB tiles -> (T, h/stride, w/stride, D) float32 patch vectors."""
-        out = []
-        for start in range(0, len(tiles), MAX_TILES_PER_BATCH):
-            batch = torch.from_numpy(np.ascontiguousarray(tiles[start:start + MAX_TILES_PER_BATCH]))
-            x = (batch.permute(0, 3, 1, 2).float() - self._mean) / self._std
-            maps = self.backbone.model(x.contiguous(memory_format=torch.channels_last))
-            out.append(patch_features(list(maps), self.config.neighbourhood, self.config.dims))
-        return torch.cat(out)
+        if tiles.ndim != 4 or tiles.shape[-1] != 3 or tiles.dtype != np.uint8:
+            raise ValueError(f"tiles must be (T, h, w, 3) uint8, got {tiles.shape} {tiles.dtype}")
+        step = tiles_per_batch(tiles.shape[1], tiles.shape[2])
+        out = [self._forward(tiles[start:start + step]) for start in range(0, len(tiles), step)]
+        return torch.from_numpy(np.concatenate(out))
 
-    def embed(self, image: Image) -> PatchGrid:
+    def tiles_of(self, image: Image) -> tuple[np.ndarray, TileLayout]:
+        """The image at the index's scale, cut into (T, h, w, 3) uint8 tiles, and their layout."""
         rgb = resize_to_scale(image.rgb, self.config.scale_for(image.height, image.width), self.config.interpolation)
         layout = plan_tiles(rgb.shape[0], rgb.shape[1], self.config.tile_size, self.config.tile_stride,
                             self.config.patch_stride, self.config.context_margin)
-        tile_feats = self.embed_tiles(cut_tiles(rgb, layout)).numpy()
+        return cut_tiles(rgb, layout), layout
+
+    def _grid(self, layout: TileLayout, tile_feats: np.ndarray, image: Image) -> PatchGrid:
         tile_index, _, _ = layout.cell_owners()
         return PatchGrid(features=np.ascontiguousarray(stitch_cells(tile_feats, layout)),
                          tile_index=np.ascontiguousarray(tile_index), layout=layout,
                          original_size=(image.height, image.width))
+
+    def embed(self, image: Image) -> PatchGrid:
+        tiles, layout = self.tiles_of(image)
+        return self._grid(layout, self.embed_tiles(tiles).numpy(), image)
+
+    def embed_many(self, images: Iterable[Image], batch_pixels: int = BATCH_PIXELS) -> Iterator[PatchGrid]:
+        """Images -> their PatchGrids, in the same order, with the backbone run on batches of tiles
+        (`tiles_per_batch` of them for their size) taken across consecutive images.
+
+        Tiles wait per shape (a small image has smaller tiles) until a batch of that shape is full;
+        a grid is yielded once all its tiles have run. At most `MAX_WAITING` images wait at once (then
+        every waiting batch runs, full or not), so memory stays that of a few images. Each tile's
+        vectors are the ones `embed` gives, up to float rounding (the batch differs). Small images
+        gain most: a one-tile image alone would leave the batch short.
+        """
+        if batch_pixels < 1:
+            raise ValueError(f"batch_pixels must be >= 1, got {batch_pixels}")
+        pending: deque[_Pending] = deque()
+        waiting: dict[tuple[int, int], list[tuple[_Pending, int]]] = {}
+
+        def run(shape: tuple[int, int]) -> None:
+            items = waiting.pop(shape)
+            feats = self._forward(np.stack([entry.tiles[i] for entry, i in items]))
+            for (entry, i), f in zip(items, feats):
+                entry.feats[i] = f
+                entry.done += 1
+
+        def finished() -> Iterator[PatchGrid]:
+            while pending and pending[0].done == len(pending[0].tiles):
+                entry = pending.popleft()
+                yield self._grid(entry.layout, np.stack(entry.feats), entry.image)
+
+        for image in images:
+            tiles, layout = self.tiles_of(image)
+            entry = _Pending(image, layout, tiles, [None] * len(tiles))
+            pending.append(entry)
+            shape = (int(tiles.shape[1]), int(tiles.shape[2]))
+            for i in range(len(tiles)):
+                waiting.setdefault(shape, []).append((entry, i))
+                if len(waiting[shape]) >= tiles_per_batch(*shape, batch_pixels):
+                    run(shape)
+            if len(pending) > MAX_WAITING:  # a rare tile shape must not hold back every image behind it
+                for key in list(waiting):
+                    run(key)
+            yield from finished()
+        for key in list(waiting):
+            run(key)
+        yield from finished()

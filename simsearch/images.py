@@ -28,8 +28,11 @@ import glob
 import hashlib
 import os
 import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import cv2
 import numpy as np
@@ -296,3 +299,36 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     seen: set[str] = set()
     unique = [p for p in found if not (os.path.abspath(p) in seen or seen.add(os.path.abspath(p)))]
     return unique, skipped
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def read_ahead(items: Iterable[T], load: Callable[[T], R], depth: int = 4) -> Iterator[tuple[T, R | None, Exception | None]]:
+    """(item, load(item), None), or (item, None, the exception) when load raised, in the order of
+    `items`, with up to `depth` loads running ahead in a background thread.
+
+    OpenCV decodes without holding the GIL, so the next images decode while the caller runs the
+    backbone on the current ones; at most `depth` decoded images wait in memory.
+    """
+    def guarded(item: T) -> tuple[R | None, Exception | None]:
+        try:
+            return load(item), None
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who decides
+            return None, exc
+
+    queue: deque = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="simsearch-decode") as pool:
+        try:
+            for item in items:
+                queue.append((item, pool.submit(guarded, item)))
+                if len(queue) > depth:
+                    head, future = queue.popleft()
+                    yield (head, *future.result())
+            while queue:
+                head, future = queue.popleft()
+                yield (head, *future.result())
+        finally:
+            for _, future in queue:  # the caller stopped early: drop what was read ahead
+                future.cancel()

@@ -147,3 +147,17 @@ def test_coreset_size_from_ratio_or_size():
     full = select_coreset(_blobs(50), ratio=1.0)
     np.testing.assert_array_equal(full.indices, np.arange(50))
     assert full.radius == 0.0
+
+
+def test_select_coreset_blocks_makes_the_same_picks_as_in_memory():
+    from simsearch.coreset import select_coreset, select_coreset_blocks
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 160)).astype(np.float32)
+    near = rng.uniform(0, 5, 3000).astype(np.float32)
+    whole = select_coreset(x, ratio=0.05, existing_distances=near)
+    streamed = select_coreset_blocks(lambda: (x[s:s + 700] for s in range(0, 3000, 700)), 3000, 160, ratio=0.05,
+                                     existing_distances=near)
+    np.testing.assert_array_equal(streamed.indices, whole.indices)
+    assert streamed.radius == pytest.approx(whole.radius) and streamed.projected
+    with pytest.raises(ValueError, match="announced"):
+        select_coreset_blocks(lambda: iter([x[:10]]), 11, 160, size=2)

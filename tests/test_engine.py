@@ -293,3 +293,47 @@ def test_corrupted_sqlite_file_is_refused_with_the_reason(tmp_path, damage):
                     "empty": b""}[damage])
     with pytest.raises((SimsearchError, SchemaError), match="meta.sqlite|no index|configuration"):
         Engine.open(tmp_path / "ix")
+
+
+# -- streamed add (bounded memory) --------------------------------------------------------------------------
+
+def test_streamed_add_stores_the_vectors_each_image_gives_alone_and_leaves_no_spool(tmp_path, monkeypatch):
+    import tempfile
+
+    from simsearch.images import load_image
+    spool_dir = tmp_path / "tmp"
+    spool_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_dir))
+    engine = Engine.create(tmp_path / "index", index_kind="flat")
+    report = engine.add([str(p) for p in piped_train()[:5]])
+    ids, vectors = engine.bank.all_vectors()
+    order = np.argsort(ids)
+    expected = np.concatenate([engine.embedder.embed(load_image(p)).features.reshape(-1, vectors.shape[1])
+                               for p in report.added])
+    assert len(expected) == report.vectors_added == len(ids)
+    np.testing.assert_allclose(vectors[order], expected, rtol=1e-4, atol=1e-4)
+    assert list(spool_dir.iterdir()) == []
+    with pytest.raises(ImageError):
+        engine.add([str(piped_train()[5]), str(tmp_path / "missing.png")])
+    assert list(spool_dir.iterdir()) == []
+
+
+def test_add_that_crosses_to_an_ivf_bank_builds_the_bank_from_all_vectors(tmp_path, monkeypatch):
+    import faiss
+
+    from simsearch import engine as engine_module
+    from simsearch.store.vectors import VectorIndex
+    monkeypatch.setattr(engine_module, "choose_kind",
+                        lambda requested, n: "ivf-flat" if requested == "auto" and n >= 1000 else
+                        ("flat" if requested == "auto" else requested))
+    engine = Engine.create(tmp_path / "index")
+    engine.add([str(p) for p in piped_train()[:2]])
+    assert engine.info()["bank_kind"] == "flat"
+    engine.add([str(p) for p in piped_train()[2:8]])
+    bank = engine.bank
+    assert bank.kind == "ivf-flat" and bank.ntotal == engine.info()["vectors"] >= 1000
+    ids, vectors = bank.all_vectors()
+    order = np.argsort(ids)
+    expected = VectorIndex.from_vectors("ivf-flat", vectors[order], ids[order])
+    assert faiss.serialize_index(bank.index).tobytes() == faiss.serialize_index(expected.index).tobytes()
+    assert engine.check()["ok"]

@@ -137,3 +137,43 @@ def test_embedder_dims_and_stride_check(lite1_backbone):
     assert embedder.embed(_image(40, 40)).features.shape == (5, 5, 64)
     with pytest.raises(ValueError, match="stride"):
         Embedder(IndexConfig(patch_stride=16, tile_stride=192), lite1_backbone)
+
+
+# -- batching across images -------------------------------------------------------------------------------
+
+def test_embed_many_matches_embed_per_image_and_keeps_order(lite1_backbone, monkeypatch):
+    import simsearch.features as features
+    monkeypatch.setattr(features, "MAX_WAITING", 2)
+    embedder = Embedder(IndexConfig(tile_size=64, tile_stride=48, context_margin=16), lite1_backbone)
+    # Mixed sizes: 20x20 (52 px framed, padded to 64) is one 64 px tile; batches of 3 tiles mix images,
+    # and waiting images are flushed by the (lowered) bound.
+    images = [_image(70, 90, 0), _image(20, 20, 1), _image(100, 64, 2), _image(70, 90, 3), _image(64, 150, 4)]
+    grids = list(embedder.embed_many(iter(images), batch_pixels=3 * 64 * 64))
+    assert len(grids) == len(images)
+    for image, grid in zip(images, grids):
+        alone = embedder.embed(image)
+        assert grid.original_size == (image.height, image.width)
+        np.testing.assert_array_equal(grid.tile_index, alone.tile_index)
+        np.testing.assert_allclose(grid.features, alone.features, rtol=1e-4, atol=1e-4)
+
+
+def test_embed_many_of_nothing_and_bad_batch():
+    # No backbone call is needed for either case.
+    embedder = Embedder.__new__(Embedder)
+    assert list(Embedder.embed_many(embedder, [])) == []
+    with pytest.raises(ValueError, match="batch_pixels"):
+        list(Embedder.embed_many(embedder, [], batch_pixels=0))
+
+
+def test_tiles_per_batch_follows_the_pixel_budget():
+    from simsearch.features import tiles_per_batch
+    assert tiles_per_batch(256, 256) == 2 and tiles_per_batch(192, 192) == 3 and tiles_per_batch(128, 128) == 8
+    assert tiles_per_batch(1024, 1024) == 1 and tiles_per_batch(64, 64, batch_pixels=3 * 64 * 64) == 3
+
+
+def test_embed_tiles_checks_its_input(lite1_backbone):
+    embedder = Embedder(IndexConfig(), lite1_backbone)
+    with pytest.raises(ValueError, match="uint8"):
+        embedder.embed_tiles(np.zeros((2, 32, 32, 3), np.float32))
+    out = embedder.embed_tiles(np.zeros((2, 32, 32, 3), np.uint8))
+    assert tuple(out.shape) == (2, 4, 4, 152)

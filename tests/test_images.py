@@ -593,3 +593,20 @@ def test_pixel_limit_is_settable_from_the_environment(tmp_path):
     assert limited.returncode == 3 and "over the limit of 9999 pixels" in limited.stdout
     default = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert default.returncode == 0, default.stdout + default.stderr
+
+
+def test_read_ahead_keeps_order_hands_back_errors_and_can_stop_early():
+    from simsearch.images import read_ahead
+
+    def load(n):
+        if n == 3:
+            raise ImageError(f"{n}: bad")
+        return n * 10
+
+    out = list(read_ahead(range(7), load, depth=2))
+    assert [item for item, _, _ in out] == list(range(7))
+    assert [value for _, value, _ in out] == [0, 10, 20, None, 40, 50, 60]
+    assert isinstance(out[3][2], ImageError) and all(e is None for i, _, e in out if i != 3)
+    stream = read_ahead(range(100), load, depth=3)
+    assert next(stream) == (0, 0, None)
+    stream.close()  # stopping early cancels what was read ahead

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import faiss
 import numpy as np
@@ -93,11 +94,22 @@ def bytes_per_vector(kind: str, dim: int) -> int:
     raise ValueError(f"unknown index kind {kind!r}; choose from {KINDS[1:]}")
 
 
+def training_count(kind: str, nlist: int) -> int:
+    """How many vectors an IVF index of `kind` with `nlist` lists is trained on (at most)."""
+    return max(nlist * TRAIN_PER_LIST, PQ_TRAIN) if kind == "ivf-pq" else nlist * TRAIN_PER_LIST
+
+
+def sample_positions(n: int, count: int) -> np.ndarray:
+    """(min(n, count),) sorted int64 positions of the training sample drawn from n vectors (seeded)."""
+    if n <= count:  # k-means cost grows with the sample: keep it small
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(0).choice(n, count, replace=False)).astype(np.int64)
+
+
 def _train_sample(training: np.ndarray, count: int) -> np.ndarray:
-    if len(training) <= count:  # k-means cost grows with the sample: keep it small
+    if len(training) <= count:
         return training
-    pick = np.random.default_rng(0).choice(len(training), count, replace=False)
-    return training[np.sort(pick)]
+    return training[sample_positions(len(training), count)]
 
 
 class VectorIndex:
@@ -136,14 +148,12 @@ class VectorIndex:
             raise ValueError("an IVF index is trained on its vectors: it cannot be built empty")
         training = _check(training, dim, "training vectors")
         nlist = int(nlist or ivf_lists_for(len(training)))
+        count = training_count(kind, nlist)
         if kind == "ivf-flat":
             spec = f"IVF{nlist},Flat"
-            count = nlist * TRAIN_PER_LIST
         elif kind == "ivf-sq8":
             spec = f"IVF{nlist},SQ8"
-            count = nlist * TRAIN_PER_LIST
         else:
-            count = max(nlist * TRAIN_PER_LIST, PQ_TRAIN)
             padded, m = pq_subquantizers(dim)
             # 8-bit codes want 256 training points per sub-quantizer; tiny banks get smaller codebooks.
             nbits = int(min(8, max(1, math.floor(math.log2(min(len(training), count))))))
@@ -272,69 +282,85 @@ class VectorIndex:
         parts = [faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy() for lst, n in self._lists()]
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
-    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every (id, vector) held: (N,) int64 and (N, D) float32. Used to rebuild as another kind.
+    def iter_vectors(self, block: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every (id, vector) held, in blocks of about `block`: (n,) int64 and (n, D) float32 each,
+        in the order `all_vectors` gives. Memory: one block (plus one inverted list), not the bank.
 
         flat and ivf-flat give back the vectors exactly as added. ivf-sq8 and ivf-pq store only codes:
         their vectors are reconstructions (each list's centroid plus the decoded residual, through
         `sa_decode`), approximations whose error is that of the quantizer (see `lossy`).
         """
         if self._ivf is None:
-            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
-            vectors = self.index.index.reconstruct_n(0, self.index.index.ntotal)
-            return ids, vectors
+            all_ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            for start in range(0, len(all_ids), block):
+                n = min(block, len(all_ids) - start)
+                yield all_ids[start:start + n], self.index.index.reconstruct_n(start, n)
+            return
         invlists = self._ivf.invlists
         code_size = invlists.code_size
-        all_ids, all_vecs = [], []
-        if self.kind == "ivf-flat":  # the codes are the float32 vectors themselves
-            for lst, n in self._lists():
-                all_ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
-                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), n * code_size).copy()
-                all_vecs.append(codes.view(np.float32).reshape(n, self.dim))
-        else:
-            # sa_decode takes "list number (little-endian, coarse_code_size bytes) + code" per vector.
-            coarse = self._ivf.coarse_code_size()
-            pending, pending_n = [], 0
+        coarse = self._ivf.coarse_code_size()
+        ids, codes, count = [], [], 0
 
-            def flush():
-                if pending:
-                    all_vecs.append(self.index.sa_decode(np.concatenate(pending)))
-                    pending.clear()
+        def flush():
+            block_ids = np.concatenate(ids).astype(np.int64)
+            if self.kind == "ivf-flat":  # the codes are the float32 vectors themselves
+                vecs = np.concatenate(codes).view(np.float32).reshape(-1, self.dim)
+            else:  # sa_decode takes "list number (little-endian, coarse_code_size bytes) + code" per vector
+                vecs = self.index.sa_decode(np.concatenate(codes))
+            ids.clear()
+            codes.clear()
+            return block_ids, np.ascontiguousarray(vecs, np.float32)
 
-            for lst, n in self._lists():
-                all_ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
-                codes = faiss.rev_swig_ptr(invlists.get_codes(lst), n * code_size).reshape(n, code_size)
+        for lst, n in self._lists():
+            ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
+            c = faiss.rev_swig_ptr(invlists.get_codes(lst), n * code_size).reshape(n, code_size)
+            if self.kind != "ivf-flat":
                 prefix = np.frombuffer(np.int64(lst).astype("<i8").tobytes()[:coarse], np.uint8)
-                pending.append(np.concatenate([np.broadcast_to(prefix, (n, coarse)), codes], axis=1))
-                pending_n += n
-                if pending_n >= 65_536:  # decode in blocks: the codes' copy stays small
-                    flush()
-                    pending_n = 0
-            flush()
-        if not all_ids:
+                c = np.concatenate([np.broadcast_to(prefix, (n, coarse)), c], axis=1)
+            codes.append(c.copy())
+            count += n
+            if count >= block:
+                yield flush()
+                count = 0
+        if ids:
+            yield flush()
+
+    def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every (id, vector) held: (N,) int64 and (N, D) float32 (see `iter_vectors`: lossy kinds give
+        reconstructions). Used to rebuild as another kind and by the evaluation."""
+        blocks = list(self.iter_vectors())
+        if not blocks:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
-        return np.concatenate(all_ids).astype(np.int64), np.ascontiguousarray(np.concatenate(all_vecs), np.float32)
+        return (np.concatenate([b[0] for b in blocks]),
+                np.ascontiguousarray(np.concatenate([b[1] for b in blocks]), np.float32))
 
     def rebuilt_as(self, kind: str, extra: tuple[np.ndarray, np.ndarray] | None = None) -> "VectorIndex":
         """A new index of `kind` ("flat" or one of `IVF_KINDS`) with this one's vectors plus `extra`
-        (vectors, ids); an IVF kind is trained on all of them.
+        (vectors, ids); an IVF kind is trained on all of them (a sample, see `build_from_blocks`).
 
-        The vectors come from `all_vectors`: when this index is lossy (ivf-sq8, ivf-pq), the new one is
+        The vectors come from `iter_vectors`: when this index is lossy (ivf-sq8, ivf-pq), the new one is
         built from its reconstructions, not from the vectors first added, so it holds (and, for an IVF
         kind, is trained on) approximations; quantizing them again adds the new kind's error on top.
         Converting to "flat" then gives exact search over approximate vectors. To rebuild without that
         loss, keep the original vectors elsewhere and use `from_vectors`. `extra` is always exact.
         """
-        ids, vectors = self.all_vectors()
-        if extra is not None:
-            vectors = np.concatenate([vectors, _check(extra[0], self.dim)])
-            ids = np.concatenate([ids, _check_ids(extra[1], len(extra[0]))])
         if kind == "auto":
             raise ValueError("rebuilt_as needs a concrete kind: resolve 'auto' with choose_kind")
-        new = VectorIndex.create(kind, self.dim, vectors if kind != "flat" else None)
-        if len(ids):
-            new.add(vectors, ids)
-        return new
+        extras = []
+        if extra is not None:
+            extras = [(_check(extra[0], self.dim), _check_ids(extra[1], len(extra[0])))]
+        return self.grown_as(kind, lambda: ((v, i) for v, i in extras), sum(len(e[1]) for e in extras))
+
+    def grown_as(self, kind: str, more: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+                 n_more: int) -> "VectorIndex":
+        """A new index of `kind` holding this one's vectors and then the (vectors, ids) blocks that
+        `more()` yields (`n_more` vectors in all; `more` is called twice for an IVF kind). Memory: the new
+        index plus one block and the training sample; this index is left unchanged."""
+        def blocks():
+            for ids, vectors in self.iter_vectors():
+                yield vectors, ids
+            yield from more()
+        return build_from_blocks(kind, self.dim, self.ntotal + n_more, blocks)
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -359,6 +385,38 @@ class VectorIndex:
                 raise FileNotFoundError(f"{path}: no such file") from None
             raise ValueError(f"{path}: not a readable FAISS index ({str(exc).splitlines()[0][:200]})") from None
         return cls(index)
+
+
+def build_from_blocks(kind: str, dim: int, n: int,
+                      blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]) -> VectorIndex:
+    """An index of `kind` ("flat" or an IVF kind) over the `n` vectors that `blocks()` yields as
+    ((m, dim) float32 vectors, (m,) int64 ids) blocks, without holding them all at once.
+
+    An IVF kind is trained on the sample `sample_positions(n, training_count(kind, nlist))` picks
+    (one pass through `blocks()` gathers it), then filled (a second pass): the same index as
+    `create(kind, dim, all_vectors)` followed by one add of all of them.
+    """
+    nlist = ivf_lists_for(n) if kind in IVF_KINDS else None
+    if kind in IVF_KINDS:
+        pick = sample_positions(n, training_count(kind, nlist))
+        sample, seen = [], 0
+        for vectors, _ in blocks():
+            lo, hi = np.searchsorted(pick, [seen, seen + len(vectors)])
+            sample.append(_check(vectors, dim)[pick[lo:hi] - seen])
+            seen += len(vectors)
+        if seen != n:
+            raise ValueError(f"the blocks held {seen} vectors, not the {n} announced")
+        index = VectorIndex.create(kind, dim, np.concatenate(sample), nlist)
+    else:
+        index = VectorIndex.create(kind, dim)
+    added = 0
+    for vectors, ids in blocks():
+        if len(ids):
+            index.add(vectors, ids)
+            added += len(ids)
+    if added != n:
+        raise ValueError(f"the blocks held {added} vectors, not the {n} announced")
+    return index
 
 
 def fsync_directory(directory: str | Path) -> None:

@@ -449,3 +449,44 @@ def test_rebuilt_as_from_a_lossy_index_carries_its_approximations(clustered):
     assert not np.array_equal(back_vecs[order], data)
     with pytest.raises(ValueError, match="concrete kind"):
         flat.rebuilt_as("auto")
+
+
+# -- building from blocks (the add's bounded-memory path) -----------------------------------------------------
+
+def _blocks(data, ids, size):
+    return lambda: ((data[s:s + size], ids[s:s + size]) for s in range(0, len(data), size))
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_build_from_blocks_is_the_index_from_vectors(clustered, kind):
+    from simsearch.store.vectors import build_from_blocks
+    data, ids, queries = clustered
+    data, ids = data[:3000], ids[:3000]
+    whole = VectorIndex.from_vectors(kind, data, ids)
+    streamed = build_from_blocks(kind, DIM, len(data), _blocks(data, ids, 700))
+    assert streamed.kind == whole.kind and streamed.ntotal == whole.ntotal
+    assert faiss.serialize_index(streamed.index).tobytes() == faiss.serialize_index(whole.index).tobytes()
+    with pytest.raises(ValueError, match="announced"):
+        build_from_blocks(kind, DIM, len(data) + 1, _blocks(data, ids, 700))
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_iter_vectors_blocks_make_up_all_vectors(clustered, kind):
+    data, ids, _ = clustered
+    index = VectorIndex.from_vectors(kind, data[:3000], ids[:3000])
+    blocks = list(index.iter_vectors(block=500))
+    assert len(blocks) > 1 and all(b[1].dtype == np.float32 and b[1].shape[1] == DIM for b in blocks)
+    all_ids, all_vecs = index.all_vectors()
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), all_ids)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), all_vecs)
+    assert sorted(all_ids.tolist()) == sorted(ids[:3000].tolist())
+
+
+def test_grown_as_equals_rebuilt_as_and_leaves_the_old_index(clustered):
+    data, ids, _ = clustered
+    flat = VectorIndex.from_vectors("flat", data[:2000], ids[:2000])
+    extra = (data[2000:5000], ids[2000:5000])
+    rebuilt = flat.rebuilt_as("ivf-sq8", extra=extra)
+    grown = flat.grown_as("ivf-sq8", _blocks(*extra, 1000), 3000)
+    assert faiss.serialize_index(grown.index).tobytes() == faiss.serialize_index(rebuilt.index).tobytes()
+    assert flat.ntotal == 2000 and grown.ntotal == 5000

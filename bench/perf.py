@@ -1,0 +1,468 @@
+"""Speed, memory and approximation benchmarks of the engine on CPU (issue 4), resumable.
+
+    nohup nice -n 10 .venv/bin/python bench/perf.py > bench/.cache/perf/run.log 2>&1 &
+    .venv/bin/python bench/perf.py --steps tier-10k tier-100k      # only these (if not cached)
+    .venv/bin/python bench/perf.py --report                          # print the cached results
+
+Every step runs in a subprocess of its own (so its peak RSS is its own) and caches its result as
+JSON under bench/.cache/perf/<step>.json; a cached step is skipped, so an interrupted run resumes.
+Real patch vectors come from magnetic_tile train/good at native scale (the `build-after` index,
+exported once as float16 .npy); query patches from every 20th magnetic_tile test image.
+
+Steps:
+- forward-batch: the backbone alone, ms per tile at batch sizes 1-16 for 256 and 192 px tiles, with
+  OMP_WAIT_POLICY=PASSIVE against libgomp's default, alternating subprocesses.
+- embed-ab: images/s embedding 48 magnetic_tile train images with git HEAD's code (decode, then
+  embed, one image at a time, up to 16 tiles per call, libgomp's default wait policy) against the
+  working tree's (decoding read ahead in a thread, tiles batched across images by a pixel budget,
+  OMP_WAIT_POLICY=PASSIVE), in alternating subprocesses, 3 rounds.
+- build-before / build-after: `Engine.create` + `add` of magnetic_tile train/good (ivf-flat), the
+  code of git HEAD (exported once to bench/.cache/perf/before-src) against the working tree:
+  seconds and peak RSS.
+- export: the bank's vectors (float16) and query patches.
+- tier-10k / tier-100k / tier-1m: per index kind on that many real vectors: build seconds, bytes per
+  vector (the index's own), file size, recall@1 against exact and search time at several nprobe.
+- latency-10k / latency-100k / latency-1m: query latency per image (warm, 2 threads, one image at a
+  time, decoded image to result with its map) against the backbone forward alone on the same tiles,
+  interleaved image by image.
+- wait-policy: query latency on the 1m bank with OMP_WAIT_POLICY=PASSIVE against libgomp's default,
+  alternating subprocesses.
+- coreset: simsearch's greedy k-center against anomalib's KCenterGreedy (bench/kcenter_anomalib.py in
+  bench/.venv-anomalib) on the same 100k real vectors, ratios 0.01 and 0.1.
+- auroc: image AUROC with exact search against each approximate kind (default nprobe): magnetic_tile
+  (bank from every 4th train image, every 6th test image) and two PIPED categories (all images).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets"
+MTD = DATA / "magnetic_tile" / "magnetic_tile"
+CACHE = ROOT / "bench" / ".cache" / "perf"
+ANOMALIB_PY = ROOT / "bench" / ".venv-anomalib" / "bin" / "python"
+TIERS = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
+KINDS = ("flat", "ivf-flat", "ivf-sq8", "ivf-pq")
+NPROBES = (8, 16, 32, 64)
+# Both builds get the same explicit embedder, whatever config.py's defaults are at the time.
+BUILD_SETTINGS = dict(scale=1.0, short_side=None, tile_size=256, tile_stride=192, neighbourhood=3,
+                      index_kind="ivf-flat")
+STEPS = ("forward-batch", "embed-ab", "build-before", "build-after", "export", "tier-10k", "tier-100k", "tier-1m",
+         "latency-10k", "latency-100k", "latency-1m", "wait-policy", "coreset", "auroc")
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def train_images() -> list[Path]:
+    return sorted((MTD / "train" / "good").iterdir())
+
+
+def test_images() -> list[Path]:
+    return sorted(p for d in sorted((MTD / "test").iterdir()) for p in sorted(d.iterdir()))
+
+
+def save(name: str, result: dict) -> None:
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    result["load_avg_at_end"] = [round(v, 2) for v in os.getloadavg()]
+    (CACHE / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result)[:2000], flush=True)
+
+
+def embedder():
+    from simsearch.backbones import build_backbone
+    from simsearch.config import IndexConfig
+    from simsearch.features import Embedder
+    from simsearch.runtime import configure_threads
+    config = IndexConfig(**{k: v for k, v in BUILD_SETTINGS.items() if k != "index_kind"}, feature_dim=152)
+    configure_threads()
+    return Embedder(config, build_backbone("tf_efficientnet_lite1", "embedded", config.layers))
+
+
+# -- steps ------------------------------------------------------------------------------------------
+def embed_only(images: int) -> dict:
+    """images/s embedding magnetic_tile train images with whichever simsearch is on the path: the
+    working tree reads ahead and batches across images; HEAD's code decodes, then embeds, per image."""
+    import simsearch
+    from simsearch.backbones import build_backbone
+    from simsearch.config import IndexConfig
+    from simsearch.features import Embedder
+    from simsearch.images import load_image
+    config = IndexConfig(**{k: v for k, v in BUILD_SETTINGS.items() if k != "index_kind"}, feature_dim=152)
+    emb = Embedder(config, build_backbone("tf_efficientnet_lite1", "embedded", config.layers))
+    paths = train_images()[::16][:images]
+    emb.embed(load_image(paths[0]))  # warm-up
+    start = time.perf_counter()
+    if hasattr(emb, "embed_many"):
+        from simsearch.images import read_ahead
+        from simsearch.runtime import configure_threads
+        configure_threads()
+        n = sum(1 for _ in emb.embed_many(img for _, img, _ in read_ahead(paths, load_image)))
+    else:
+        n = sum(1 for p in paths if emb.embed(load_image(p)) is not None)
+    seconds = time.perf_counter() - start
+    import torch
+    return {"module": simsearch.__file__, "images": n, "images_per_s": n / seconds,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads()}
+
+
+def forward_only(batches: list[int], tile: int) -> dict:
+    """ms per tile of the backbone forward alone on 32 real (tile x tile) tiles at each batch size,
+    3 interleaved rounds; the wait policy is whatever this process's environment says."""
+    import torch
+    from simsearch.images import load_image
+    from simsearch.tiling import cut_tiles, plan_tiles
+    emb = embedder()
+    tiles = []
+    for p in train_images()[:40]:
+        img = load_image(p)
+        t = cut_tiles(img.rgb, plan_tiles(img.height, img.width, 256, 192, 8, 32))
+        if t.shape[1:3] == (256, 256):
+            tiles.append(t[:, :tile, :tile])
+    x = (torch.from_numpy(np.concatenate(tiles)[:32]).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    x = x.contiguous(memory_format=torch.channels_last)
+    ms = {b: [] for b in batches}
+    with torch.inference_mode():
+        emb.backbone.model(x[:2])
+        for _ in range(3):
+            for b in batches:
+                start = time.perf_counter()
+                for s in range(0, len(x), b):
+                    emb.backbone.model(x[s:s + b])
+                ms[b].append(1000 * (time.perf_counter() - start) / len(x))
+    return {"tile": tile, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads(),
+            "ms_per_tile_median": {str(b): float(np.median(v)) for b, v in ms.items()}}
+
+
+def step_forward_batch() -> dict:
+    """Backbone ms per tile by batch size and tile size, PASSIVE against libgomp's default wait policy,
+    alternating subprocesses (2 rounds)."""
+    runs = []
+    for _ in range(2):
+        for policy in ("PASSIVE", ""):  # "" is kept by simsearch's setdefault and ignored by libgomp
+            for tile in (256, 192):
+                env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": policy}
+                proc = subprocess.run([sys.executable, __file__, "--forward-only", str(tile)], env=env,
+                                      capture_output=True, text=True, check=True)
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {"runs": runs}
+
+
+def step_embed_ab() -> dict:
+    """HEAD's code and the working tree's in alternating subprocesses (3 rounds), same images."""
+    runs = {"before": [], "after": []}
+    for _ in range(3):
+        for code in runs:
+            env = {**os.environ, "PYTHONPATH": str(before_source() if code == "before" else ROOT)}
+            proc = subprocess.run([sys.executable, __file__, "--embed-only", "48"], env=env, capture_output=True,
+                                  text=True, check=True)
+            runs[code].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ratios = [a["images_per_s"] / b["images_per_s"] for b, a in zip(runs["before"], runs["after"])]
+    return {"runs": runs, "ratio_per_round": ratios, "median_ratio": float(np.median(ratios))}
+
+
+def build(step: str) -> dict:
+    """Run in a subprocess whose PYTHONPATH picks the code (HEAD's or the working tree's)."""
+    import shutil
+    from simsearch import Engine
+    index = CACHE / ("index" if step == "build-after" else "index-before")
+    shutil.rmtree(index, ignore_errors=True)
+    start = time.perf_counter()
+    engine = Engine.create(index, **BUILD_SETTINGS)
+    report = engine.add([str(MTD / "train" / "good")])
+    seconds = time.perf_counter() - start
+    info = engine.info()
+    engine.close()
+    if step == "build-before":
+        shutil.rmtree(index, ignore_errors=True)
+    import simsearch
+    return {"module": simsearch.__file__, "seconds": seconds, "images": len(report.added), "vectors": report.vectors_added,
+            "kind": info["bank_kind"], "code": step.split("-")[1], "images_per_s": len(report.added) / seconds}
+
+
+def step_export() -> dict:
+    from sqlalchemy import select
+    from simsearch import Engine
+    from simsearch.images import load_image
+    from simsearch.store.catalog import vectors as vectors_table
+    engine = Engine.open(CACHE / "index")
+    ids, vecs = engine.bank.all_vectors()
+    order = np.argsort(ids)
+    np.save(CACHE / "bank.f16.npy", vecs[order].astype(np.float16))
+    np.save(CACHE / "bank_ids.npy", ids[order])
+    with engine.catalog.engine.connect() as conn:
+        rows = np.asarray(conn.execute(select(vectors_table.c.id, vectors_table.c.image_id)
+                                       .order_by(vectors_table.c.id)).all(), dtype=np.int64)
+    np.save(CACHE / "bank_owner.npy", rows[np.searchsorted(rows[:, 0], ids[order]), 1])
+    files = test_images()[::20]
+    patches = np.concatenate([g.features.reshape(-1, g.features.shape[-1]) for g in
+                              engine.embedder.embed_many(load_image(p) for p in files)])
+    pick = np.sort(np.random.default_rng(0).choice(len(patches), min(10_000, len(patches)), replace=False))
+    np.save(CACHE / "queries.f16.npy", patches[pick].astype(np.float16))
+    return {"bank_vectors": int(len(ids)), "query_images": len(files), "query_patches": int(len(pick))}
+
+
+def tier_vectors(tier: str) -> tuple[np.ndarray, np.ndarray]:
+    bank = np.load(CACHE / "bank.f16.npy", mmap_mode="r")
+    ids = np.load(CACHE / "bank_ids.npy")
+    n = min(TIERS[tier], len(bank))
+    pick = np.sort(np.random.default_rng(0).choice(len(bank), n, replace=False))
+    return np.ascontiguousarray(bank[pick], dtype=np.float32), ids[pick]
+
+
+def step_tier(tier: str) -> dict:
+    from simsearch.runtime import configure_threads
+    from simsearch.store.vectors import VectorIndex, choose_kind
+    configure_threads()
+    vectors, ids = tier_vectors(tier)
+    queries = np.load(CACHE / "queries.f16.npy").astype(np.float32)
+    out = {"vectors": int(len(vectors)), "queries": int(len(queries)), "auto_kind": choose_kind("auto", len(vectors)),
+           "kinds": {}}
+    exact_d = exact_i = None
+    for kind in KINDS:
+        start = time.perf_counter()
+        index = VectorIndex.from_vectors(kind, vectors, ids)
+        row = {"build_s": time.perf_counter() - start, "bytes_per_vector": index.bytes_per_vector(),
+               "memory_bytes": index.memory_bytes()}
+        with tempfile.TemporaryDirectory() as tmp:
+            index.save(Path(tmp) / "bank.faiss")
+            row["file_bytes"] = (Path(tmp) / "bank.faiss").stat().st_size
+        row["file_bytes_per_vector"] = row["file_bytes"] / len(vectors)
+        probes = [None] if kind == "flat" else NPROBES
+        row["search"] = {}
+        for nprobe in probes:
+            if nprobe:
+                index.nprobe = nprobe
+            start = time.perf_counter()
+            d, i = index.search(queries, 1)
+            seconds = time.perf_counter() - start
+            if kind == "flat":
+                exact_d, exact_i = d[:, 0], i[:, 0]
+            rec = {"search_s": seconds, "ms_per_1k_queries": 1000 * seconds / len(queries) * 1000,
+                   "recall_at_1": float((i[:, 0] == exact_i).mean()),
+                   "mean_distance_excess": float((d[:, 0] - exact_d).mean() / exact_d.mean())}
+            row["search"][str(nprobe or "exact")] = rec
+        if kind != "flat":
+            row["nlist"] = int(index._ivf.nlist)
+        out["kinds"][kind] = row
+        del index
+    return out
+
+
+def latency(tier: str, kinds: list[str], images: int = 20) -> dict:
+    """Query latency per image against the backbone forward alone, interleaved per image."""
+    import torch
+    from simsearch import Engine
+    from simsearch.features import tiles_per_batch
+    from simsearch.images import Image, load_image
+    from simsearch.runtime import configure_threads
+    from simsearch.store.vectors import VectorIndex
+    configure_threads(2)
+    engine = Engine.open(CACHE / "index")
+    emb = engine.embedder
+    configure_threads(2)
+    engine.bank  # loads the generation; its bank is swapped below for the tier's
+    vectors, ids = tier_vectors(tier)
+    decoded = [load_image(p).rgb for p in test_images()[::29][:images]]
+    out = {"tier": tier, "vectors": int(len(vectors)), "images": len(decoded),
+           "threads": torch.get_num_threads(), "kinds": {}}
+    for kind in kinds:
+        engine._bank = VectorIndex.from_vectors(kind, vectors, ids)
+        nprobe = engine._bank.nprobe
+        engine.query(decoded[0])  # warm
+        forward, query = [], []
+        for rgb in decoded:
+            tiles, _ = emb.tiles_of(Image(rgb=rgb, sha256="", source="<array>"))
+            with torch.inference_mode():
+                start = time.perf_counter()
+                step = tiles_per_batch(tiles.shape[1], tiles.shape[2])  # the batches a query uses
+                for s in range(0, len(tiles), step):
+                    x = torch.from_numpy(np.ascontiguousarray(tiles[s:s + step])).permute(0, 3, 1, 2).float()
+                    emb.backbone.model(((x - emb._mean) / emb._std).contiguous(memory_format=torch.channels_last))
+                forward.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            result = engine.query(rgb)
+            query.append(time.perf_counter() - start)
+            assert result.anomaly_map.shape == rgb.shape[:2]
+        ratio = np.asarray(query) / np.asarray(forward)
+        out["kinds"][kind] = {
+            "nprobe": nprobe, "query_p50_ms": 1000 * float(np.percentile(query, 50)),
+            "query_p95_ms": 1000 * float(np.percentile(query, 95)),
+            "forward_p50_ms": 1000 * float(np.percentile(forward, 50)),
+            "forward_p95_ms": 1000 * float(np.percentile(forward, 95)),
+            "ratio_p50": float(np.median(ratio)), "ratio_of_p50s": float(np.median(query) / np.median(forward))}
+    return out
+
+
+def step_wait_policy() -> dict:
+    """Alternating subprocesses, PASSIVE against libgomp's default, on the 1m tier's auto kind."""
+    from simsearch.store.vectors import choose_kind
+    kind = choose_kind("auto", TIERS["1m"])
+    runs = {"PASSIVE": [], "default": []}
+    for _ in range(2):
+        for policy in runs:
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            # An empty value is kept by simsearch's setdefault and ignored by libgomp: its default policy.
+            env["OMP_WAIT_POLICY"] = "PASSIVE" if policy == "PASSIVE" else ""
+            proc = subprocess.run([sys.executable, __file__, "--latency-only", "1m", kind, "--images", "12"],
+                                  env=env, capture_output=True, text=True, check=True)
+            runs[policy].append(json.loads(proc.stdout.strip().splitlines()[-1])["kinds"][kind])
+    return {"kind": kind, "runs": runs,
+            "query_p50_ms": {p: [r["query_p50_ms"] for r in v] for p, v in runs.items()},
+            "forward_p50_ms": {p: [r["forward_p50_ms"] for r in v] for p, v in runs.items()}}
+
+
+def step_coreset() -> dict:
+    from simsearch.coreset import coverage_radius, select_coreset
+    vectors, _ = tier_vectors("100k")
+    path = CACHE / "coreset100k.f32.npy"
+    np.save(path, vectors)
+    out = {"vectors": int(len(vectors)), "dim": int(vectors.shape[1]), "ratios": {}}
+    for ratio in (0.01, 0.1):
+        start = time.perf_counter()
+        picked = select_coreset(vectors, ratio=ratio)
+        ours = time.perf_counter() - start
+        proc = subprocess.run([str(ANOMALIB_PY), str(ROOT / "bench" / "kcenter_anomalib.py"), str(path), str(ratio)],
+                              capture_output=True, text=True, check=True)
+        theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+        out["ratios"][str(ratio)] = {
+            "simsearch_s": ours, "anomalib_s": theirs["seconds"], "speedup": theirs["seconds"] / ours,
+            "selected": int(len(picked.indices)), "anomalib_selected": theirs["selected"],
+            "simsearch_radius": coverage_radius(vectors, picked.indices),
+            "anomalib_radius": coverage_radius(vectors, np.asarray(theirs["indices"])),
+            "anomalib_threads": theirs["threads"]}
+    path.unlink()
+    return out
+
+
+def step_auroc() -> dict:
+    from simsearch.backbones import build_backbone
+    from simsearch.config import IndexConfig
+    from simsearch.evaluation.datasets import load_category
+    from simsearch.evaluation.metrics import image_auroc
+    from simsearch.features import Embedder
+    from simsearch.images import load_image
+    from simsearch.runtime import configure_threads
+    from simsearch.store.vectors import VectorIndex, choose_kind
+    configure_threads()
+    config = IndexConfig(**{k: v for k, v in BUILD_SETTINGS.items() if k != "index_kind"}, feature_dim=152)
+    emb = Embedder(config, build_backbone("tf_efficientnet_lite1", "embedded", config.layers))
+    cases = [("magnetic_tile", DATA / "magnetic_tile", "magnetic_tile", 4, 6),
+             ("PA_BDP01_TL", DATA / "piped", "PA_BDP01_TL", 1, 1),
+             ("PA_BFT01_TL", DATA / "piped", "PA_BFT01_TL", 1, 1)]
+    out = {}
+    for name, root, category_name, train_every, test_every in cases:
+        category = load_category(root, category_name)
+        train = category.train[::train_every]
+        bank = np.concatenate([g.features.reshape(-1, 152) for g in emb.embed_many(load_image(p) for p in train)])
+        tests = category.test[::test_every]
+        labels = np.asarray([s.label for s in tests])
+        grids = [g.features.reshape(-1, 152) for g in emb.embed_many(load_image(s.path) for s in tests)]
+        queries = np.concatenate(grids)
+        bounds = np.cumsum([0] + [len(g) for g in grids])
+        row = {"bank_vectors": int(len(bank)), "test_images": len(tests), "auto_kind": choose_kind("auto", len(bank)),
+               "kinds": {}}
+        for kind in KINDS:
+            index = VectorIndex.from_vectors(kind, bank)
+            start = time.perf_counter()
+            d, _ = index.search(queries, 1)
+            scores = np.asarray([d[a:b, 0].max() for a, b in zip(bounds[:-1], bounds[1:])])
+            row["kinds"][kind] = {"image_auroc": image_auroc(labels, scores), "nprobe": index.nprobe,
+                                  "search_s": time.perf_counter() - start}
+        exact = row["kinds"]["flat"]["image_auroc"]
+        for kind in KINDS[1:]:
+            row["kinds"][kind]["delta_vs_exact"] = row["kinds"][kind]["image_auroc"] - exact
+        out[name] = row
+    return out
+
+
+def run_step(step: str) -> dict:
+    if step == "embed-ab":
+        return step_embed_ab()
+    if step == "forward-batch":
+        return step_forward_batch()
+    if step.startswith("build-"):
+        return build(step)
+    if step == "export":
+        return step_export()
+    if step.startswith("tier-"):
+        return step_tier(step.split("-", 1)[1])
+    if step.startswith("latency-"):
+        from simsearch.store.vectors import choose_kind
+        tier = step.split("-", 1)[1]
+        kinds = list(KINDS[1:]) if tier == "1m" else [choose_kind("auto", TIERS[tier])]
+        return latency(tier, kinds)
+    if step == "wait-policy":
+        return step_wait_policy()
+    if step == "coreset":
+        return step_coreset()
+    if step == "auroc":
+        return step_auroc()
+    raise SystemExit(f"unknown step {step}")
+
+
+def before_source() -> Path:
+    """git HEAD's simsearch package, exported once (read-only on the repository)."""
+    target = CACHE / "before-src"
+    if not (target / "simsearch").is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "simsearch"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    ap.add_argument("--step", choices=STEPS, help="run one step in this process (used by the driver)")
+    ap.add_argument("--latency-only", nargs=2, metavar=("TIER", "KIND"), help=argparse.SUPPRESS)
+    ap.add_argument("--images", type=int, default=20, help=argparse.SUPPRESS)
+    ap.add_argument("--embed-only", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--forward-only", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--report", action="store_true", help="print the cached results")
+    args = ap.parse_args()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    if args.forward_only:
+        print(json.dumps(forward_only([1, 2, 4, 8, 16], args.forward_only)))
+        return
+    if args.embed_only:
+        print(json.dumps(embed_only(args.embed_only)))
+        return
+    if args.latency_only:
+        print(json.dumps(latency(args.latency_only[0], [args.latency_only[1]], args.images)))
+        return
+    if args.step:
+        save(args.step, run_step(args.step))
+        return
+    if args.report:
+        for step in STEPS:
+            path = CACHE / f"{step}.json"
+            print(f"== {step}: {path.read_text() if path.exists() else 'not run'}")
+        return
+    for step in args.steps:
+        if (CACHE / f"{step}.json").exists():
+            print(f"{step}: cached", flush=True)
+            continue
+        env = dict(os.environ)
+        src = before_source() if step == "build-before" else ROOT
+        env["PYTHONPATH"] = str(src)
+        print(f"{step}: running", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--step", step], env=env, cwd=str(src if step == "build-before" else ROOT))
+        print(f"{step}: exit {proc.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""CPU thread settings shared by torch (the backbone) and faiss (the search), set in one place.
+
+torch and faiss each bring their own OpenMP runtime. Left alone, faiss takes one thread per logical
+CPU while torch takes one per physical core, and the two pools alternate within every query. Both
+get the same count here: `SIMSEARCH_THREADS` when set, else torch's own choice (which follows
+OMP_NUM_THREADS and any `torch.set_num_threads` the caller made first).
+
+OMP_WAIT_POLICY=PASSIVE is set by `simsearch/__init__.py` before either library loads (unless the
+environment already says otherwise): idle OpenMP threads then sleep instead of spinning, which on a
+machine whose cores are shared (another process, or the other library's pool) keeps a spinning
+thread from taking the time slice that the working one needs; see docs/benchmarks.md for the measurement.
+"""
+from __future__ import annotations
+
+import os
+
+
+def thread_count() -> int:
+    """Threads for torch and faiss: SIMSEARCH_THREADS, else torch's current setting."""
+    value = os.environ.get("SIMSEARCH_THREADS")
+    if value:
+        n = int(value)
+        if n < 1:
+            raise ValueError(f"SIMSEARCH_THREADS must be >= 1, got {value!r}")
+        return n
+    import torch
+    return int(torch.get_num_threads())
+
+
+def configure_threads(n: int | None = None) -> int:
+    """Give torch and faiss the same number of threads (`n`, default `thread_count()`); returns it.
+
+    Cheap and idempotent: called whenever an Engine loads its embedder or bank.
+    """
+    import faiss
+    import torch
+
+    n = int(n or thread_count())
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    if faiss.omp_get_max_threads() != n:
+        faiss.omp_set_num_threads(n)
+    return n
