@@ -39,7 +39,7 @@ def parse_setting(text: str) -> tuple[str, object]:
 
 
 def sweep_category(category, settings: dict, top_ks: list[int], train_every: int, test_every: int,
-                   kind: str = "flat") -> dict:
+                   kind: str = "flat", blurs: list[float] | None = None) -> dict:
     from simsearch.engine import Engine
     from simsearch.evaluation import metrics
     from simsearch.evaluation.datasets import load_mask
@@ -60,14 +60,17 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
         start = time.perf_counter()
         samples = category.test[::test_every]
         labels, grids, maps, masks = [], [], [], []
+        raw_maps = []  # unsmoothed, for the other blur sigmas
         for sample in samples:
             image = load_image(sample.path)
             grid = embedder.embed(image)
             hc, wc = grid.grid_shape
             distances, _ = index.search(grid.features.reshape(hc * wc, -1), config.k_neighbours)
             scores = patch_scores(distances).reshape(hc, wc)
-            amap = smooth(grid_to_image(scores, grid.layout, image.height, image.width),
-                          config.blur_sigma / config.scale_for(image.height, image.width))
+            raw = grid_to_image(scores, grid.layout, image.height, image.width)
+            amap = smooth(raw, config.blur_sigma / config.scale_for(image.height, image.width))
+            if blurs:
+                raw_maps.append((raw, config.scale_for(image.height, image.width)))
             labels.append(sample.label)
             grids.append(scores)
             maps.append(amap)
@@ -78,6 +81,10 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
     row = {"n_bank": int(len(vectors)), "n_test": len(samples), "seconds": {k: round(v, 1) for k, v in seconds.items()},
            "pixel_auroc": metrics.pixel_auroc(masks, maps) if category.has_masks else None,
            "aupro": metrics.aupro(masks, maps, max_fpr=0.3) if category.has_masks else None}
+    for sigma in blurs or []:  # the map's Gaussian sigma (px at the index scale) changes pixel metrics only
+        blurred = [smooth(raw, sigma / scale) for raw, scale in raw_maps]
+        row[f"pixel_auroc_blur{sigma:g}"] = metrics.pixel_auroc(masks, blurred) if category.has_masks else None
+        row[f"aupro_blur{sigma:g}"] = metrics.aupro(masks, blurred, max_fpr=0.3) if category.has_masks else None
     for k in top_ks:
         row[f"image_auroc_top{k}"] = metrics.image_auroc(labels, np.asarray([image_score(g, k) for g in grids]))
     # The smoothed map's maximum: neighbouring patches must agree, where top-k only counts them.
@@ -144,6 +151,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--train-every", type=int, default=1)
     parser.add_argument("--test-every", type=int, default=1)
+    parser.add_argument("--blur", type=float, nargs="*", help="also pixel metrics at these map blur sigmas")
     parser.add_argument("--kind", default="flat", help="bank index kind (ivf-flat makes big banks affordable)")
     args = parser.parse_args()
     if args.write:
@@ -158,13 +166,14 @@ def main() -> None:
     rows = {}
     for name in args.categories or category_names(root):
         key = json.dumps([settings, args.top_k, args.train_every, args.test_every]
-                         + ([args.kind] if args.kind != "flat" else []), sort_keys=True, default=list)
+                         + ([args.kind] if args.kind != "flat" else []) + ([args.blur] if args.blur else []),
+                         sort_keys=True, default=list)
         path = CACHE / args.dataset / name / f"{label}.{hashlib.sha256(key.encode()).hexdigest()[:8]}.json"
         if path.exists():
             row = json.loads(path.read_text())
         else:
             row = sweep_category(load_category(root, name), settings, args.top_k, args.train_every, args.test_every,
-                                 args.kind)
+                                 args.kind, args.blur)
             row["run"] = {"dataset": args.dataset, "category": name, "label": label, "set": args.set,
                           "kind": args.kind, "train_every": args.train_every, "test_every": args.test_every}
             path.parent.mkdir(parents=True, exist_ok=True)
