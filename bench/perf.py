@@ -12,12 +12,12 @@ exported once as float16 .npy); query patches from every 20th magnetic_tile test
 Steps:
 - forward-batch: the backbone alone, ms per tile at batch sizes 1-16 for 256 and 192 px tiles, with
   OMP_WAIT_POLICY=PASSIVE against libgomp's default, alternating subprocesses.
-- embed-ab: images/s embedding 48 magnetic_tile train images with git HEAD's code (decode, then
+- embed-ab: images/s embedding 48 magnetic_tile train images with the code before the speed work (decode, then
   embed, one image at a time, up to 16 tiles per call, libgomp's default wait policy) against the
   working tree's (decoding read ahead in a thread, tiles batched across images by a pixel budget,
   OMP_WAIT_POLICY=PASSIVE), in alternating subprocesses, 3 rounds.
 - build-before / build-after: `Engine.create` + `add` of magnetic_tile train/good (ivf-flat), the
-  code of git HEAD (exported once to bench/.cache/perf/before-src) against the working tree:
+  code before the speed work (BEFORE_REV, exported once to bench/.cache/perf/before-src) against the working tree:
   seconds and peak RSS.
 - export: the bank's vectors (float16) and query patches.
 - tier-10k / tier-100k / tier-1m: per index kind on that many real vectors: build seconds, bytes per
@@ -57,6 +57,8 @@ NPROBES = (8, 16, 32, 64)
 # Both builds get the same explicit embedder, whatever config.py's defaults are at the time.
 BUILD_SETTINGS = dict(scale=1.0, short_side=None, tile_size=256, tile_stride=192, neighbourhood=3,
                       index_kind="ivf-flat")
+# "Before" for the A/B steps: the last commit before the speed work landed (it was HEAD when they were first run).
+BEFORE_REV = "7f05de5"
 STEPS = ("forward-batch", "embed-ab", "build-before", "build-after", "export", "tier-10k", "tier-100k", "tier-1m",
          "latency-10k", "latency-100k", "latency-1m", "wait-policy", "coreset", "auroc")
 
@@ -93,7 +95,7 @@ def embedder():
 # -- steps ------------------------------------------------------------------------------------------
 def embed_only(images: int) -> dict:
     """images/s embedding magnetic_tile train images with whichever simsearch is on the path: the
-    working tree reads ahead and batches across images; HEAD's code decodes, then embeds, per image."""
+    working tree reads ahead and batches across images; the code before decodes, then embeds, per image."""
     import simsearch
     from simsearch.backbones import build_backbone
     from simsearch.config import IndexConfig
@@ -160,7 +162,7 @@ def step_forward_batch() -> dict:
 
 
 def step_embed_ab() -> dict:
-    """HEAD's code and the working tree's in alternating subprocesses (3 rounds), same images."""
+    """The code before the speed work and the working tree's in alternating subprocesses (3 rounds), same images."""
     runs = {"before": [], "after": []}
     for _ in range(3):
         for code in runs:
@@ -173,7 +175,7 @@ def step_embed_ab() -> dict:
 
 
 def build(step: str) -> dict:
-    """Run in a subprocess whose PYTHONPATH picks the code (HEAD's or the working tree's)."""
+    """Run in a subprocess whose PYTHONPATH picks the code (before the speed work, or the working tree's)."""
     import shutil
     from simsearch import Engine
     index = CACHE / ("index" if step == "build-after" else "index-before")
@@ -413,11 +415,11 @@ def run_step(step: str) -> dict:
 
 
 def before_source() -> Path:
-    """git HEAD's simsearch package, exported once (read-only on the repository)."""
+    """The simsearch package as it was before the speed work (BEFORE_REV), exported once (read-only on the repository)."""
     target = CACHE / "before-src"
     if not (target / "simsearch").is_dir():
         target.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "simsearch"], capture_output=True,
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_REV, "simsearch"], capture_output=True,
                                  check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
     return target
