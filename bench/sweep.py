@@ -39,7 +39,8 @@ def parse_setting(text: str) -> tuple[str, object]:
 
 
 def sweep_category(category, settings: dict, top_ks: list[int], train_every: int, test_every: int,
-                   kind: str = "flat", blurs: list[float] | None = None) -> dict:
+                   kind: str = "flat", blurs: list[float] | None = None,
+                   top_fractions: list[float] | None = None, density: bool = False) -> dict:
     from simsearch.engine import Engine
     from simsearch.evaluation import metrics
     from simsearch.evaluation.datasets import load_mask
@@ -61,12 +62,18 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
         samples = category.test[::test_every]
         labels, grids, maps, masks = [], [], [], []
         raw_maps = []  # unsmoothed, for the other blur sigmas
+        spreads = []
         for sample in samples:
             image = load_image(sample.path)
             grid = embedder.embed(image)
             hc, wc = grid.grid_shape
-            distances, _ = index.search(grid.features.reshape(hc * wc, -1), config.k_neighbours)
+            distances, nearest = index.search(grid.features.reshape(hc * wc, -1), config.k_neighbours)
             scores = patch_scores(distances).reshape(hc, wc)
+            if density:
+                # Each patch's distance over its nearest bank patch's own distance to its 8 bank neighbours:
+                # a match in a sparse part of the bank (a rare but good look) counts for less.
+                own, _ = index.search(vectors[nearest[:, 0]], 9)
+                spreads.append((own[:, 1:].mean(axis=1).reshape(hc, wc), grid.layout, image.height, image.width))
             raw = grid_to_image(scores, grid.layout, image.height, image.width)
             amap = smooth(raw, config.blur_sigma / config.scale_for(image.height, image.width))
             if blurs:
@@ -87,6 +94,28 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
         row[f"aupro_blur{sigma:g}"] = metrics.aupro(masks, blurred, max_fpr=0.3) if category.has_masks else None
     for k in top_ks:
         row[f"image_auroc_top{k}"] = metrics.image_auroc(labels, np.asarray([image_score(g, k) for g in grids]))
+    if density:
+        # The bank's typical spread, from a sample of its vectors: the "clip" variant divides only by spreads
+        # above it (rare looks count for less; common ones as before), the plain variant by every spread.
+        sample = vectors[np.random.default_rng(0).choice(len(vectors), min(4000, len(vectors)), replace=False)]
+        own, _ = index.search(sample, 9)
+        typical = float(np.median(own[:, 1:].mean(axis=1)))
+        row["typical_spread"] = typical
+        variants = {"density": (1e-6, 1.0), "clip": (typical, 1.0), "clip-half": (typical, 0.5),
+                    "clip2": (2 * typical, 1.0)}  # name: (floor, power)
+        for name, (floor, power) in variants.items():
+            relative = [g * (floor / np.maximum(sp[0], floor)) ** power for g, sp in zip(grids, spreads)]
+            for k in top_ks:
+                row[f"image_auroc_{name}_top{k}"] = metrics.image_auroc(labels, np.asarray(
+                    [image_score(r, k) for r in relative]))
+            if category.has_masks:
+                rel_maps = [smooth(grid_to_image(r, layout, h, w), config.blur_sigma / config.scale_for(h, w))
+                            for r, (_, layout, h, w) in zip(relative, spreads)]
+                row[f"pixel_auroc_{name}"] = metrics.pixel_auroc(masks, rel_maps)
+                row[f"aupro_{name}"] = metrics.aupro(masks, rel_maps, max_fpr=0.3)
+    for f in top_fractions or []:  # top-k as a share of the image's patches: adapts to its size
+        row[f"image_auroc_frac{f:g}"] = metrics.image_auroc(labels, np.asarray(
+            [image_score(g, max(1, round(f * g.size))) for g in grids]))
     # The smoothed map's maximum: neighbouring patches must agree, where top-k only counts them.
     row["image_auroc_mapmax"] = metrics.image_auroc(labels, np.asarray([m.max() for m in maps]))
     # The largest mean over a w x w window of patch scores: evidence from a neighbourhood, not one patch.
@@ -131,6 +160,31 @@ def write_section() -> None:
             values = [r[c] for r in rows if r.get(c) is not None]
             cells.append(f"{np.mean(values):.4f}" if len(values) == len(rows) else "-")
         lines.append(f"| {dataset} | {train_every}/{test_every} | {label} | {len(rows)} | " + " | ".join(cells) + " |")
+    # Runs with --density: image scores discounted where the nearest reference lies in a sparse part of the bank.
+    variants = {"plain": ("image_auroc_top", "pixel_auroc", "aupro"),
+                "clip-half": ("image_auroc_clip-half_top", "pixel_auroc_clip-half", "aupro_clip-half"),
+                "clip": ("image_auroc_clip_top", "pixel_auroc_clip", "aupro_clip"),
+                "clip2": ("image_auroc_clip2_top", "pixel_auroc_clip2", "aupro_clip2"),
+                "density": ("image_auroc_density_top", "pixel_auroc_density", "aupro_density")}
+    density_lines = []
+    for (dataset, train_every, test_every, label), by_category in sorted(groups.items()):
+        rows = list(by_category.values())
+        if len(rows) < n_categories[dataset] or not all("image_auroc_clip-half_top16" in r for r in rows):
+            continue
+        for name, (image_key, pixel_key, aupro_key) in variants.items():
+            cells = [f"{np.mean([r[image_key + str(k)] for r in rows]):.4f}" for k in (1, 16, 64, 256)]
+            cells += [f"{np.mean([r[key] for r in rows]):.4f}" if all(r.get(key) is not None for r in rows) else "-"
+                      for key in (pixel_key, aupro_key)]
+            density_lines.append(f"| {dataset} | {label} | {name} | " + " | ".join(cells) + " |")
+    if density_lines:
+        lines += ["", "Scores discounted where the bank is sparse (`--density`): each patch score times "
+                  "(floor / max(spread, floor)) ** power, where a spread is the mean distance from the "
+                  "patch's nearest reference to that reference's 8 nearest references and the typical spread is "
+                  "the median over 4,000 bank vectors. plain: no discount; clip-half: floor = typical, power 0.5; "
+                  "clip: floor = typical, power 1; clip2: floor = 2 x typical, power 1; density: no floor, "
+                  "power 1. Pixel columns: the map made from the discounted scores (the engine keeps the plain map).",
+                  "", "| dataset | configuration | discount | top1 | top16 | top64 | top256 | pixel AUROC | "
+                  "AUPRO@0.3 |", "|---|---|---|---|---|---|---|---|---|"] + density_lines
     text = out.read_text() if out.exists() else "# Benchmarks\n"
     start = text.find("## Configuration sweep")
     if start >= 0:  # replace our section, keep whatever follows it
@@ -151,7 +205,13 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--train-every", type=int, default=1)
     parser.add_argument("--test-every", type=int, default=1)
+    parser.add_argument("--top-fraction", type=float, nargs="*", help="also image scores as the mean of this "
+                        "share of the highest patch scores")
+    parser.add_argument("--density", action="store_true", help="also image scores relative to the bank's local "
+                        "density at each top patch's match")
     parser.add_argument("--blur", type=float, nargs="*", help="also pixel metrics at these map blur sigmas")
+    parser.add_argument("--layer-neighbourhoods", help="one window per layer, e.g. 1,3 (overrides neighbourhood)")
+    parser.add_argument("--concat-neighbourhoods", help="patch vectors at several windows side by side, e.g. 1,3")
     parser.add_argument("--kind", default="flat", help="bank index kind (ivf-flat makes big banks affordable)")
     args = parser.parse_args()
     if args.write:
@@ -161,19 +221,37 @@ def main() -> None:
         parser.error("--dataset is required")
     settings = dict(parse_setting(s) for s in args.set)
     label = "+".join(args.set) or "default"
+    if args.layer_neighbourhoods:  # an experiment the configuration cannot express yet
+        import simsearch.features as features
+        windows, plain = tuple(int(w) for w in args.layer_neighbourhoods.split(",")), features.patch_features
+        features.patch_features = lambda maps, neighbourhood, dims=None: plain(maps, windows, dims)
+        settings["neighbourhood_per_layer"] = list(windows)  # for the cache key only
+        label += f"+neighbourhoods={args.layer_neighbourhoods}"
+    if args.concat_neighbourhoods:
+        import torch
+        import simsearch.features as features
+        windows, plain = tuple(int(w) for w in args.concat_neighbourhoods.split(",")), features.patch_features
+        features.patch_features = lambda maps, neighbourhood, dims=None: torch.cat(
+            [plain(maps, w, dims) for w in windows], dim=-1)
+        settings["neighbourhood_concat"] = list(windows)  # for the cache key only
+        label += f"+concat={args.concat_neighbourhoods}"
     label += f"+{args.kind}" if args.kind != "flat" else ""
     root = DATASETS / args.dataset
     rows = {}
     for name in args.categories or category_names(root):
         key = json.dumps([settings, args.top_k, args.train_every, args.test_every]
-                         + ([args.kind] if args.kind != "flat" else []) + ([args.blur] if args.blur else []),
+                         + ([args.kind] if args.kind != "flat" else []) + ([args.blur] if args.blur else [])
+                         + ([["fractions"] + args.top_fraction] if args.top_fraction else [])
+                         + (["density-variants"] if args.density else []),
                          sort_keys=True, default=list)
         path = CACHE / args.dataset / name / f"{label}.{hashlib.sha256(key.encode()).hexdigest()[:8]}.json"
         if path.exists():
             row = json.loads(path.read_text())
         else:
-            row = sweep_category(load_category(root, name), settings, args.top_k, args.train_every, args.test_every,
-                                 args.kind, args.blur)
+            config_settings = {k: v for k, v in settings.items() if not k.startswith("neighbourhood_")}
+            row = sweep_category(load_category(root, name), config_settings, args.top_k, args.train_every,
+                                 args.test_every, args.kind, args.blur, args.top_fraction,
+                                 args.density)
             row["run"] = {"dataset": args.dataset, "category": name, "label": label, "set": args.set,
                           "kind": args.kind, "train_every": args.train_every, "test_every": args.test_every}
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,9 +34,10 @@ IndexDir = Annotated[Path, typer.Option("--index", envvar="SIMSEARCH_INDEX", hel
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 # Embedder options shared by `index add` (fixed at creation) and `eval` (for its fresh indexes).
 BackboneOpt = Annotated[Optional[str], typer.Option(help="timm model name (default tf_efficientnet_lite1).")]
-ScaleOpt = Annotated[Optional[float], typer.Option(help="Resize factor applied before tiling (default 1.0).")]
+ScaleOpt = Annotated[Optional[float], typer.Option(help="A fixed resize factor before tiling, instead of the "
+                                                   "short side (1.0 = native resolution).")]
 ShortSideOpt = Annotated[Optional[int], typer.Option(help="Resize each image so its shorter side has this many "
-                                                      "pixels (instead of --scale).")]
+                                                      "pixels (default 192).")]
 TileSizeOpt = Annotated[Optional[int], typer.Option(help="Tile side in pixels, a multiple of 32 (default 256).")]
 USER_ERRORS = (SimsearchError, ImageError, BackboneError, SchemaError, ValueError)
 

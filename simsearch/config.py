@@ -18,7 +18,7 @@ PIPELINE_VERSION = 1
 DEFAULT_BACKBONE = "tf_efficientnet_lite1"
 
 # Field -> value meaning "what the code did before this field existed".
-LEGACY_DEFAULTS: dict[str, object] = {"short_side": None, "image_top_k": 1}
+LEGACY_DEFAULTS: dict[str, object] = {"short_side": None, "image_top_k": 1, "sparse_discount": 0.0}
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,11 @@ class IndexConfig:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
-    # Every image is resized by this factor before tiling (1.0 = native resolution)...
+    # Each image is resized so that its shorter side has this many pixels (one patch scale for every image
+    # size; chosen on the dev sets, see docs/benchmarks.md)...
+    short_side: int | None = 192
+    # ...or, with short_side None, by this fixed factor (1.0 = native resolution).
     scale: float = 1.0
-    # ...unless this is set: then each image is resized so that its shorter side has this many pixels.
-    short_side: int | None = None
     tile_size: int = 256
     tile_stride: int = 192
     # Reflected context around the image, so the backbone's zero padding never touches its border cells.
@@ -43,7 +44,7 @@ class IndexConfig:
     layers: tuple[int, ...] = (2, 3)
     # Feature stride of the finest layer: one patch vector per `patch_stride` pixels.
     patch_stride: int = 8
-    neighbourhood: int = 3
+    neighbourhood: int = 1
     # None keeps every channel; otherwise adaptive average pooling down to `dims`.
     dims: int | None = None
     feature_dim: int = 0
@@ -52,7 +53,10 @@ class IndexConfig:
     # Search and scoring settings: they do not change vectors, so they are not in the fingerprint.
     index_kind: str = "auto"  # "auto" (exact while small, IVF when large) or a kind in store.vectors.KINDS
     k_neighbours: int = 1
-    image_top_k: int = 1  # the image score is the mean of this many highest patch scores
+    image_top_k: int = 16  # the image score is the mean of this many highest patch scores...
+    # ...each discounted by (typical spread / its nearest reference's spread) ** this, where the bank is sparser
+    # than typical (scoring.discounted; 0 = plain distances).
+    sparse_discount: float = 0.5
     blur_sigma: float = 4.0
     extra: dict = field(default_factory=dict)
 
@@ -61,6 +65,8 @@ class IndexConfig:
             raise ValueError(f"scale must be > 0, got {self.scale}")
         if self.short_side is not None and self.short_side < 32:
             raise ValueError(f"short side must be >= 32 px, got {self.short_side}")
+        if self.short_side is not None and self.scale != 1.0:
+            raise ValueError(f"set a scale ({self.scale}) or a short side ({self.short_side}), not both")
         if self.tile_size % 32 or self.tile_size < 32:
             raise ValueError(f"tile size must be a positive multiple of 32, got {self.tile_size}")
         if not 0 < self.tile_stride <= self.tile_size:
@@ -80,6 +86,8 @@ class IndexConfig:
             raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {self.index_kind!r}")
         if self.image_top_k < 1:
             raise ValueError(f"image top k must be >= 1, got {self.image_top_k}")
+        if not self.sparse_discount >= 0:
+            raise ValueError(f"sparse discount must be >= 0, got {self.sparse_discount}")
         if self.k_neighbours < 1:
             raise ValueError(f"k must be >= 1, got {self.k_neighbours}")
 
@@ -90,7 +98,7 @@ class IndexConfig:
     def embedder_fields(self) -> dict:
         """The settings that decide the vectors (the fingerprint's content)."""
         d = self.to_dict()
-        for key in ("index_kind", "k_neighbours", "image_top_k", "blur_sigma", "extra", "weights"):
+        for key in ("index_kind", "k_neighbours", "image_top_k", "sparse_discount", "blur_sigma", "extra", "weights"):
             d.pop(key)
         # A field left at its legacy value is omitted, so fingerprints made before it existed still match.
         for key, legacy in LEGACY_DEFAULTS.items():

@@ -32,7 +32,8 @@ from .coreset import select_coreset_blocks
 from .features import Embedder, PatchGrid
 from .images import Image, ImageError, decode, expand_paths, load_image, read_ahead
 from .runtime import configure_threads
-from .scoring import find_regions, image_score, patch_scores, region_level, similarity_from_score, smooth
+from .scoring import (discounted_image_score, find_regions, patch_scores, region_level,
+                      similarity_from_score, smooth)
 from .faults import crash_point
 from .store import bankfiles
 from .store.catalog import Catalog
@@ -172,6 +173,8 @@ class Engine:
             if not weights_file.is_file():
                 raise SimsearchError(f"{weights}: no such weights file")
             source = "file"
+        if settings.get("scale") is not None and "short_side" not in settings:
+            settings["short_side"] = None  # a fixed scale replaces the default short side
         layers = tuple(settings.pop("layers", None) or layers_for_strides(backbone, (8, 16)))
         net = build_backbone(backbone, source, layers, weights_file)
         directory.mkdir(parents=True, exist_ok=True)
@@ -590,7 +593,9 @@ class Engine:
         amap = grid_to_image(scores, grid.layout, image.height, image.width)
         amap = smooth(amap, self.config.blur_sigma / self.config.scale_for(image.height, image.width))
         return {"grid": grid, "scores": scores, "nn_ids": ids[:, 0].reshape(hc, wc),
-                "nn_dist": distances[:, 0].reshape(hc, wc), "map": amap, "score": image_score(scores, self.config.image_top_k)}
+                "nn_dist": distances[:, 0].reshape(hc, wc), "map": amap,
+                "score": discounted_image_score(scores, ids[:, 0], bank, self.config.image_top_k,
+                                                self.config.sparse_discount)}
 
     def default_min_region_area(self, height: int, width: int) -> int:
         """Two by two patch cells, in the pixels of an image of (height, width)."""

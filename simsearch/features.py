@@ -32,11 +32,13 @@ def tiles_per_batch(height: int, width: int, batch_pixels: int = BATCH_PIXELS) -
     return max(1, batch_pixels // max(1, height * width))
 
 
-def patch_features(maps: list[torch.Tensor], neighbourhood: int = 3, dims: int | None = None) -> torch.Tensor:
+def patch_features(maps: list[torch.Tensor], neighbourhood: int | tuple[int, ...] = 3,
+                   dims: int | None = None) -> torch.Tensor:
     """Backbone maps -> locally aware patch vectors on the finest map's grid.
 
     maps: [(B, C_i, H_i, W_i)], finest first. Each map is averaged over a `neighbourhood` x
-    `neighbourhood` window (PatchCore's local aggregation: a patch sees its surroundings),
+    `neighbourhood` window (PatchCore's local aggregation: a patch sees its surroundings; one odd
+    window for all maps, or one per map),
     coarser maps are resized bilinearly to the finest grid, and all are concatenated.
     `dims` reduces the channels by adaptive average pooling (deterministic, nothing stored).
     Returns (B, H_0, W_0, D) float32, D = sum(C_i) or `dims`.
@@ -46,13 +48,15 @@ def patch_features(maps: list[torch.Tensor], neighbourhood: int = 3, dims: int |
     for m in maps:
         if m.ndim != 4:
             raise ValueError(f"feature maps must be (B, C, H, W), got {tuple(m.shape)}")
+    windows = (neighbourhood,) * len(maps) if isinstance(neighbourhood, int) else tuple(neighbourhood)
+    if len(windows) != len(maps) or any(w < 1 or w % 2 == 0 for w in windows):
+        raise ValueError(f"need one odd window >= 1 per map ({len(maps)}), got {neighbourhood}")
     height, width = maps[0].shape[-2:]
-    pad = neighbourhood // 2
     parts = []
-    for m in maps:
+    for m, window in zip(maps, windows):
         m = m.float()
-        if neighbourhood > 1:
-            m = F.avg_pool2d(m, neighbourhood, stride=1, padding=pad, count_include_pad=False)
+        if window > 1:
+            m = F.avg_pool2d(m, window, stride=1, padding=window // 2, count_include_pad=False)
         if m.shape[-2:] != (height, width):
             m = F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)
         parts.append(m)

@@ -1,7 +1,8 @@
 """Anomaly scores from nearest-neighbour distances (PatchCore), maps and regions.
 
 A patch's score is its L2 distance to the nearest reference patch (mean over k neighbours when
-k > 1); the image score is the largest patch score. The map interpolates patch scores back to
+k > 1); the image score is the mean of the highest patch scores, optionally discounted where the
+nearest reference lies in a sparse part of the bank. The map interpolates patch scores back to
 the original resolution and smooths them with a Gaussian, as PatchCore does.
 """
 from __future__ import annotations
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from .store.vectors import SPREAD_NEIGHBOURS
 
 
 def patch_scores(distances: np.ndarray) -> np.ndarray:
@@ -30,6 +33,37 @@ def image_score(scores: np.ndarray, top_k: int = 1) -> float:
         raise ValueError("no patch scores")
     k = min(max(int(top_k), 1), flat.size)
     return float(np.max(flat)) if k == 1 else float(np.partition(flat, flat.size - k)[-k:].mean())
+
+
+def discounted(scores: np.ndarray, spreads: np.ndarray, typical: float, power: float) -> np.ndarray:
+    """(N,) patch scores and (N,) spreads of their nearest references -> (N,) float32 scores, each times
+    (typical / max(spread, typical)) ** power.
+
+    A match in a part of the bank sparser than `typical` (a rare but good look, met by chance) counts
+    for less; matches where the bank is typical or denser keep their score. power 0 changes nothing.
+    """
+    s, sp = np.asarray(scores, np.float32), np.asarray(spreads, np.float32)
+    if s.shape != sp.shape or s.ndim != 1:
+        raise ValueError(f"scores and spreads must be (N,) alike, got {s.shape} and {sp.shape}")
+    if typical <= 0 or power < 0:
+        raise ValueError(f"need typical > 0 and power >= 0, got {typical} and {power}")
+    return s * (typical / np.maximum(sp, typical)) ** power
+
+
+def discounted_image_score(scores: np.ndarray, nearest_ids: np.ndarray, bank, top_k: int, power: float) -> float:
+    """Patch scores (any shape) and the ids of their nearest references in `bank` (a VectorIndex) -> the mean
+    of the `top_k` highest `discounted` patch scores.
+
+    Only the 4 * top_k (at least 64) highest plain scores are looked up: discounting only lowers a score.
+    """
+    flat, ids = np.asarray(scores, np.float32).ravel(), np.asarray(nearest_ids, np.int64).ravel()
+    if flat.shape != ids.shape:
+        raise ValueError(f"scores and ids must match, got {flat.shape} and {ids.shape}")
+    if power == 0 or bank.ntotal <= SPREAD_NEIGHBOURS:  # too few references to tell sparse from dense
+        return image_score(flat, top_k)
+    n = min(flat.size, max(4 * top_k, 64))
+    top = np.argpartition(flat, flat.size - n)[-n:]
+    return image_score(discounted(flat[top], bank.spread(ids[top]), bank.typical_spread(), power), top_k)
 
 
 def smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:

@@ -32,7 +32,8 @@ def test_to_json_is_plain_json():
     {"tile_stride": 128},
     {"backbone": "tf_efficientnet_lite0"},
     {"weights_sha256": "0" * 64},
-    {"scale": 0.5},
+    {"short_side": None, "scale": 0.5},
+    {"short_side": 128},
     {"layers": (1, 2)},
     {"neighbourhood": 5},
     {"dims": 100},
@@ -69,6 +70,7 @@ def test_embedder_fields():
 @pytest.mark.parametrize("bad", [
     {"scale": 0},
     {"scale": -1.0},
+    {"scale": 0.5},  # a fixed scale with the default short side: which one?
     {"tile_size": 100},
     {"tile_size": 0},
     {"tile_stride": 0},
@@ -94,8 +96,10 @@ def test_unknown_field_in_from_dict_raises():
         IndexConfig.from_dict(d)
 
 
-def test_from_dict_fills_missing_fields_with_defaults():
-    assert IndexConfig.from_dict({"tile_size": 128, "tile_stride": 64}) == IndexConfig(tile_size=128, tile_stride=64)
+def test_from_dict_fills_missing_fields_with_defaults_or_their_legacy_values():
+    # short_side and image_top_k came later: a stored configuration without them meant "native scale, max".
+    assert IndexConfig.from_dict({"tile_size": 128, "tile_stride": 64}) == IndexConfig(
+        tile_size=128, tile_stride=64, short_side=None, image_top_k=1, sparse_discount=0.0)
 
 
 def test_config_is_frozen():
@@ -104,7 +108,7 @@ def test_config_is_frozen():
 
 
 def test_a_field_added_later_keeps_old_fingerprints_and_meaning():
-    config = IndexConfig()
+    config = IndexConfig(short_side=None, image_top_k=1)  # what the fields' legacy values mean
     stored = config.to_dict()
     stored.pop("short_side")  # as written before the field existed
     old = IndexConfig.from_dict(stored)
@@ -113,8 +117,11 @@ def test_a_field_added_later_keeps_old_fingerprints_and_meaning():
 
 
 def test_short_side_sets_each_images_scale():
-    config = IndexConfig(short_side=128, scale=3.0)
+    config = IndexConfig(short_side=128)
     assert config.scale_for(256, 512) == 0.5 and config.scale_for(512, 64) == 2.0
-    assert IndexConfig(scale=0.5).scale_for(256, 512) == 0.5
+    assert IndexConfig().scale_for(96, 400) == 2.0  # the default short side, 192 px
+    assert IndexConfig(short_side=None, scale=0.5).scale_for(256, 512) == 0.5
+    with pytest.raises(ValueError, match="not both"):
+        IndexConfig(short_side=128, scale=3.0)
     with pytest.raises(ValueError, match="short side"):
         IndexConfig(short_side=16)

@@ -230,9 +230,10 @@ def test_ivf_index_kind_gives_close_scores(tmp_path):
     approx = build(tmp_path / "ivf", piped_train(), index_kind="ivf-flat")
     assert approx.info()["bank_kind"] == "ivf-flat"
     for image in piped_test("impurity")[:3]:
-        a, b = exact.query(str(image)).score, approx.query(str(image)).score
-        assert b >= a - 1e-4  # approximate search can only miss the true nearest neighbour
-        assert b == pytest.approx(a, rel=0.05)
+        a, b = exact.query(str(image)), approx.query(str(image))
+        # approximate search can only miss the true nearest neighbour: no patch distance gets smaller
+        assert (b.anomaly_map >= a.anomaly_map - 1e-3).all()
+        assert b.score == pytest.approx(a.score, rel=0.05)
 
 
 def test_coreset_keeps_the_requested_share_and_never_drops_existing_vectors(tmp_path):
@@ -327,9 +328,9 @@ def test_add_that_crosses_to_an_ivf_bank_builds_the_bank_from_all_vectors(tmp_pa
                         lambda requested, n: "ivf-flat" if requested == "auto" and n >= 1000 else
                         ("flat" if requested == "auto" else requested))
     engine = Engine.create(tmp_path / "index")
-    engine.add([str(p) for p in piped_train()[:2]])
+    engine.add([str(p) for p in piped_train()[:1]])  # 576 vectors (24 x 24 at the 192 px short side)
     assert engine.info()["bank_kind"] == "flat"
-    engine.add([str(p) for p in piped_train()[2:8]])
+    engine.add([str(p) for p in piped_train()[1:8]])
     bank = engine.bank
     assert bank.kind == "ivf-flat" and bank.ntotal == engine.info()["vectors"] >= 1000
     ids, vectors = bank.all_vectors()

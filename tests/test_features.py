@@ -65,6 +65,22 @@ def test_coarse_map_is_resized_bilinearly_to_the_fine_grid():
     assert torch.allclose(const[..., 4:], torch.tensor(-1.0))
 
 
+def test_one_window_per_map():
+    fine, coarse = _maps()
+    out = patch_features([fine, coarse], neighbourhood=(1, 3))
+    assert torch.equal(out[..., :4], fine.permute(0, 2, 3, 1))  # the fine map untouched
+    pooled = F.avg_pool2d(coarse, 3, stride=1, padding=1, count_include_pad=False)
+    expected = F.interpolate(pooled, size=(16, 12), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    assert torch.allclose(out[..., 4:], expected)
+    assert torch.equal(patch_features([fine, coarse], neighbourhood=(3, 3)), patch_features([fine, coarse], 3))
+
+
+@pytest.mark.parametrize("windows", [(1,), (1, 3, 3), (1, 2), (0, 3)])
+def test_window_per_map_must_match_and_be_odd(windows):
+    with pytest.raises(ValueError, match="one odd window"):
+        patch_features(_maps(), neighbourhood=windows)
+
+
 def test_dims_reduction():
     out = patch_features(_maps(), neighbourhood=1, dims=5)
     assert out.shape == (2, 16, 12, 5)
@@ -100,7 +116,7 @@ def test_backbone_layers(lite1_backbone):
 
 
 def test_embed_grid_shape_and_determinism(lite1_backbone):
-    embedder = Embedder(IndexConfig(), lite1_backbone)
+    embedder = Embedder(IndexConfig(short_side=None), lite1_backbone)  # native scale
     assert embedder.dim == 152
     image = _image(100, 150)
     grid = embedder.embed(image)
@@ -116,13 +132,21 @@ def test_embed_grid_shape_and_determinism(lite1_backbone):
     assert not np.array_equal(embedder.embed(_image(100, 150, seed=1)).features, grid.features)
 
 
+def test_default_short_side_brings_every_image_to_192_px(lite1_backbone):
+    embedder = Embedder(IndexConfig(), lite1_backbone)
+    for (h, w), cells in {(100, 150): (24, 36), (1300, 650): (48, 24)}.items():
+        grid = embedder.embed(_image(h, w))
+        assert grid.grid_shape == cells and grid.original_size == (h, w)
+
+
 def test_embed_multi_tile_image(lite1_backbone):
-    embedder = Embedder(IndexConfig(tile_size=64, tile_stride=48, context_margin=0), lite1_backbone)
+    embedder = Embedder(IndexConfig(short_side=None, tile_size=64, tile_stride=48, context_margin=0), lite1_backbone)
     grid = embedder.embed(_image(70, 90))
     assert grid.layout.n_tiles == 2 * 2  # padded 96x96: starts (0, 32) on each axis
     assert grid.features.shape == (9, 12, 152)
     assert set(np.unique(grid.tile_index).tolist()) == {0, 1, 2, 3}
-    framed = Embedder(IndexConfig(tile_size=64, tile_stride=48, context_margin=16), lite1_backbone).embed(_image(70, 90))
+    framed = Embedder(IndexConfig(short_side=None, tile_size=64, tile_stride=48, context_margin=16),
+                      lite1_backbone).embed(_image(70, 90))
     assert framed.layout.n_tiles == 3 * 3  # padded 128x128 (70+32, 90+32 rounded up): starts (0, 48, 64)
     assert framed.features.shape == (9, 12, 152)
     boxes = grid.cell_boxes()
@@ -134,7 +158,7 @@ def test_embed_multi_tile_image(lite1_backbone):
 def test_embedder_dims_and_stride_check(lite1_backbone):
     embedder = Embedder(IndexConfig(dims=64), lite1_backbone)
     assert embedder.dim == 64
-    assert embedder.embed(_image(40, 40)).features.shape == (5, 5, 64)
+    assert embedder.embed(_image(40, 40)).features.shape == (24, 24, 64)  # 40 px brought to 192
     with pytest.raises(ValueError, match="stride"):
         Embedder(IndexConfig(patch_stride=16, tile_stride=192), lite1_backbone)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simsearch.scoring import (find_regions, has_region, image_score, patch_scores, region_level,
-                               similarity_from_score, smooth)
+from simsearch.scoring import (discounted, discounted_image_score, find_regions, has_region, image_score,
+                               patch_scores, region_level, similarity_from_score, smooth)
 
 
 def test_patch_scores_k1_is_the_nearest_distance():
@@ -156,3 +156,46 @@ def test_image_score_is_the_mean_of_the_top_k_patches():
     assert image_score(scores, top_k=100) == pytest.approx(scores.mean())  # clamped to the patch count
     with pytest.raises(ValueError):
         image_score(np.zeros((0,), np.float32))
+
+
+def test_discounted_lowers_only_scores_matched_where_the_bank_is_sparser_than_typical():
+    scores = np.asarray([4.0, 4.0, 4.0, 9.0], np.float32)
+    spreads = np.asarray([1.0, 2.0, 8.0, 4.0], np.float32)
+    np.testing.assert_allclose(discounted(scores, spreads, typical=2.0, power=1.0), [4.0, 4.0, 1.0, 4.5])
+    np.testing.assert_allclose(discounted(scores, spreads, typical=2.0, power=0.5), [4.0, 4.0, 2.0, 9 / 2 ** 0.5],
+                               rtol=1e-6)
+    np.testing.assert_array_equal(discounted(scores, spreads, typical=2.0, power=0.0), scores)
+    with pytest.raises(ValueError):
+        discounted(scores, spreads[:3], 2.0, 1.0)
+    with pytest.raises(ValueError):
+        discounted(scores, spreads, 0.0, 1.0)
+
+
+class _Bank:
+    """A stand-in with the two VectorIndex methods discounted_image_score uses (spreads by id)."""
+
+    def __init__(self, spreads: dict[int, float], typical: float):
+        self.spreads, self.typical, self.ntotal = spreads, typical, 1000
+        self.looked_up: list[int] = []
+
+    def spread(self, ids):
+        self.looked_up += [int(i) for i in ids]
+        return np.asarray([self.spreads[int(i)] for i in ids], np.float32)
+
+    def typical_spread(self):
+        return self.typical
+
+
+def test_discounted_image_score_on_a_rare_good_match():
+    # 100 patches: 98 low, one high matched in a sparse place (id 7), one a little lower matched in a typical one.
+    scores = np.full(100, 1.0, np.float32)
+    scores[10], scores[20] = 10.0, 8.0
+    ids = np.arange(100) % 50
+    bank = _Bank({i: 2.0 for i in range(50)} | {10: 10.0}, typical=2.0)
+    # top 1: patch 10 is worth 10 * 2 / 10 = 2 now, patch 20 keeps its 8
+    assert discounted_image_score(scores, ids, bank, top_k=1, power=1.0) == pytest.approx(8.0)
+    assert len(bank.looked_up) == 64  # only the 64 highest patches were looked up
+    assert discounted_image_score(scores, ids, bank, top_k=2, power=1.0) == pytest.approx(5.0)
+    assert discounted_image_score(scores, ids, bank, top_k=1, power=0.0) == pytest.approx(10.0)
+    bank.ntotal = 8  # too few references to judge density: plain top-k
+    assert discounted_image_score(scores, ids, bank, top_k=1, power=1.0) == pytest.approx(10.0)

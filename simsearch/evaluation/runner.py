@@ -17,7 +17,7 @@ import numpy as np
 from sqlalchemy import select
 
 from ..calibration import threshold_for_fpr
-from ..scoring import image_score, patch_scores
+from ..scoring import discounted_image_score, patch_scores
 from ..engine import Engine
 from ..store.catalog import vectors as vectors_table
 from ..store.vectors import VectorIndex, choose_kind
@@ -91,8 +91,9 @@ def cross_scores(engine: Engine, folds: int, progress: Progress | None = None) -
         kind = choose_kind(engine.config.index_kind, len(bank_vectors))
         bank = VectorIndex.from_vectors(kind, bank_vectors, np.arange(len(bank_vectors)))
         for pos in np.flatnonzero(fold_of == f):
-            distances, _ = bank.search(per_image[image_ids[pos]], engine.config.k_neighbours)
-            scores[pos] = image_score(patch_scores(distances), engine.config.image_top_k)
+            distances, nearest = bank.search(per_image[image_ids[pos]], engine.config.k_neighbours)
+            scores[pos] = discounted_image_score(patch_scores(distances), nearest[:, 0], bank,
+                                                 engine.config.image_top_k, engine.config.sparse_discount)
     if progress:
         progress("threshold", folds, folds)
     return scores

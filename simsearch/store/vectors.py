@@ -33,6 +33,7 @@ AUTO_APPROX_KIND = "ivf-flat"  # what "auto" picks from APPROX_FROM vectors
 IVF_KINDS = ("ivf-flat", "ivf-sq8", "ivf-pq")
 KINDS = ("auto", "flat") + IVF_KINDS
 LOSSY_KINDS = ("ivf-sq8", "ivf-pq")  # kinds whose stored vectors are approximations
+SPREAD_NEIGHBOURS = 8  # how many neighbours `VectorIndex.spread` averages over
 ID_BYTES = 8  # an int64 id per stored vector (the IDMap's id array, or an inverted list's ids)
 
 
@@ -126,6 +127,7 @@ class VectorIndex:
             self._ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         if nprobe is not None:
             self.nprobe = nprobe
+        self._typical_spread: tuple[int, float] | None = None  # (neighbours, value), see typical_spread
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -250,13 +252,48 @@ class VectorIndex:
     # -- data -----------------------------------------------------------------------------------
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         v = _check(vectors, self.dim)
+        self._typical_spread = None
         self.index.add_with_ids(v, _check_ids(ids, len(v)))
 
     def remove(self, ids: np.ndarray) -> int:
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
         if not len(ids):
             return 0
+        self._typical_spread = None
+        if self._ivf is not None and self._ivf.direct_map.type == faiss.DirectMap.Hashtable:
+            # faiss keeps an id -> list hash map in step only through an array selector.
+            return int(self.index.remove_ids(faiss.IDSelectorArray(ids)))
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+
+    def reconstruct(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) stored ids -> (n, D) float32 vectors (reconstructions for the lossy kinds).
+
+        An IVF index first gets an id -> list hash map (about 16 bytes per vector in memory and on disk).
+        """
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).ravel())
+        if self._ivf is not None and self._ivf.direct_map.type != faiss.DirectMap.Hashtable:
+            self._ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        try:
+            return np.ascontiguousarray(self.index.reconstruct_batch(ids), np.float32)
+        except RuntimeError as exc:
+            raise KeyError(f"an id is not in the index ({str(exc).splitlines()[0][:120]})") from None
+
+    def spread(self, ids: np.ndarray, neighbours: int = SPREAD_NEIGHBOURS) -> np.ndarray:
+        """(n,) stored ids -> (n,) float32: the mean distance from each of those stored vectors to its
+        `neighbours` nearest other stored vectors (how sparse the bank is around it)."""
+        if self.ntotal <= neighbours:
+            raise ValueError(f"a spread over {neighbours} neighbours needs more than {neighbours} stored vectors")
+        distances, _ = self.search(self.reconstruct(ids), neighbours + 1)
+        return distances[:, 1:].mean(axis=1)  # the first is the vector itself (or an exact duplicate)
+
+    def typical_spread(self, neighbours: int = SPREAD_NEIGHBOURS, sample: int = 4000) -> float:
+        """The median `spread` over `sample` stored vectors evenly spaced in id order (the same for the same
+        bank); kept until the index changes."""
+        if self._typical_spread is None or self._typical_spread[0] != neighbours:
+            ids = np.sort(self.ids())
+            picked = ids[np.unique(np.linspace(0, len(ids) - 1, min(sample, len(ids))).astype(np.int64))]
+            self._typical_spread = (neighbours, float(np.median(self.spread(picked, neighbours))))
+        return self._typical_spread[1]
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """(M, D) queries -> (M, k) L2 distances (float32, not squared) and (M, k) ids (-1 = none)."""

@@ -490,3 +490,47 @@ def test_grown_as_equals_rebuilt_as_and_leaves_the_old_index(clustered):
     grown = flat.grown_as("ivf-sq8", _blocks(*extra, 1000), 3000)
     assert faiss.serialize_index(grown.index).tobytes() == faiss.serialize_index(rebuilt.index).tobytes()
     assert flat.ntotal == 2000 and grown.ntotal == 5000
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_reconstruct_by_id_then_remove_and_add_still_work(tmp_path, clustered, trained, kind):
+    data, ids, _ = clustered
+    index = trained(kind)
+    index.add(data, ids)
+    got = index.reconstruct(ids[[5, 0, 4000]])
+    assert got.shape == (3, DIM) and got.dtype == np.float32
+    error = np.abs(got - data[[5, 0, 4000]]).max()
+    assert error == 0 if kind in ("flat", "ivf-flat") else error < 1.5  # lossy kinds: reconstructions
+    # The id map an IVF index gets for this follows later removals and adds, also after a save and load.
+    assert index.remove(ids[:10]) == 10
+    with pytest.raises(KeyError):
+        index.reconstruct(ids[[3]])
+    index.add(data[:2], np.asarray([7, 8], np.int64))
+    index.save(tmp_path / "bank.faiss")
+    loaded = VectorIndex.load(tmp_path / "bank.faiss")
+    np.testing.assert_array_equal(loaded.reconstruct(np.asarray([8], np.int64)), index.reconstruct(np.asarray([8])))
+    assert loaded.ntotal == len(ids) - 10 + 2
+
+
+def test_spread_is_the_mean_distance_to_the_other_nearest_vectors():
+    # 0 and 1 on a line with 2, 3, 4, ... : the spread of 0 over 2 neighbours is (1 + 2) / 2.
+    points = np.zeros((12, DIM), np.float32)
+    points[:, 0] = np.arange(12)
+    index = VectorIndex.flat(DIM)
+    index.add(points, np.arange(12, dtype=np.int64) + 50)
+    np.testing.assert_allclose(index.spread(np.asarray([50, 55]), neighbours=2), [1.5, 1.0])
+    assert index.typical_spread(neighbours=2) == pytest.approx(1.0)  # the median over all 12
+    with pytest.raises(ValueError, match="needs more than"):
+        VectorIndex.flat(DIM).spread(np.asarray([0]))
+
+
+def test_typical_spread_is_recomputed_after_a_remove_or_add():
+    index = VectorIndex.flat(DIM)
+    points = np.zeros((20, DIM), np.float32)
+    points[:, 0] = np.arange(20)
+    index.add(points, np.arange(20, dtype=np.int64))
+    assert index.typical_spread(neighbours=2) == pytest.approx(1.0)
+    index.remove(np.arange(0, 20, 2))  # every other one gone: neighbours 2 apart
+    assert index.typical_spread(neighbours=2) == pytest.approx(2.0)
+    index.add(points[::2] + 0.0, np.arange(0, 20, 2))  # back again
+    assert index.typical_spread(neighbours=2) == pytest.approx(1.0)
