@@ -148,7 +148,9 @@ def write_section() -> None:
              "and 0.003 pixel AUROC / AUPRO of the exact bank where both ran). Means over categories; `topK` = image score as the mean of the K "
              "highest patch scores. Rows with train/4 use every 4th training image (a proxy; only comparable "
              "with each other). Command: `.venv/bin/python bench/sweep.py --dataset D --set FIELD=VALUE ... "
-             "--top-k 1 4 16 64 256 [--kind ivf-flat] [--train-every N --test-every M]`; `--write` makes this table.",
+             "--top-k 1 4 16 64 256 [--kind ivf-flat] [--train-every N --test-every M]`; `--write` makes this table. "
+             "Settings a row does not name are the defaults of its time: every row here was run with those "
+             "before 2026-11-30 (native scale, neighbourhood 3); newer runs store their whole configuration.",
              "", "| dataset | train/test subsampling | configuration | categories | pixel AUROC | AUPRO@0.3 | "
              "top1 | top4 | top16 | top64 | top256 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (dataset, train_every, test_every, label), by_category in sorted(groups.items()):
@@ -239,7 +241,11 @@ def main() -> None:
     root = DATASETS / args.dataset
     rows = {}
     for name in args.categories or category_names(root):
-        key = json.dumps([settings, args.top_k, args.train_every, args.test_every]
+        # The whole embedder configuration is in the key: a setting left out means whatever the default is now.
+        from simsearch.config import IndexConfig
+        fields = {k: v for k, v in settings.items() if not k.startswith("neighbourhood_")}
+        embedder = IndexConfig(**({"short_side": None} if "scale" in fields else {}) | fields)
+        key = json.dumps([settings, embedder.embedder_fields(), args.top_k, args.train_every, args.test_every]
                          + ([args.kind] if args.kind != "flat" else []) + ([args.blur] if args.blur else [])
                          + ([["fractions"] + args.top_fraction] if args.top_fraction else [])
                          + (["density-variants"] if args.density else []),
@@ -253,6 +259,7 @@ def main() -> None:
                                  args.test_every, args.kind, args.blur, args.top_fraction,
                                  args.density)
             row["run"] = {"dataset": args.dataset, "category": name, "label": label, "set": args.set,
+                          "config": embedder.to_dict(),
                           "kind": args.kind, "train_every": args.train_every, "test_every": args.test_every}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(row, indent=1))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -128,6 +129,7 @@ class VectorIndex:
         if nprobe is not None:
             self.nprobe = nprobe
         self._typical_spread: tuple[int, float] | None = None  # (neighbours, value), see typical_spread
+        self._map_lock = threading.Lock()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -272,7 +274,9 @@ class VectorIndex:
         """
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).ravel())
         if self._ivf is not None and self._ivf.direct_map.type != faiss.DirectMap.Hashtable:
-            self._ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+            with self._map_lock:  # queries in server threads may get here together; build the map once
+                if self._ivf.direct_map.type != faiss.DirectMap.Hashtable:
+                    self._ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         try:
             return np.ascontiguousarray(self.index.reconstruct_batch(ids), np.float32)
         except RuntimeError as exc:
