@@ -151,6 +151,15 @@ def test_another_backbone_is_refused(tmp_path):
         Engine.create(tmp_path / "ix")
 
 
+def test_a_fixed_scale_replaces_the_default_short_side_and_both_at_once_is_refused(tmp_path):
+    assert Engine.create(tmp_path / "default").config.short_side == 192
+    scaled = Engine.create(tmp_path / "scaled", scale=0.5)
+    assert scaled.config.short_side is None and scaled.config.scale_for(400, 800) == 0.5
+    with pytest.raises(ValueError, match="not both"):
+        Engine.create(tmp_path / "both", scale=0.5, short_side=128)
+    assert not (tmp_path / "both" / Engine.DB).exists()
+
+
 @pytest.mark.parametrize("kind", ["text", "truncated_png", "truncated_bmp_as_png", "missing"])
 def test_bad_input_is_a_clear_error_and_changes_nothing(tmp_path, kind):
     engine = build(tmp_path / "ix", piped_train()[:6])
