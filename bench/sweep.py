@@ -45,7 +45,7 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
     from simsearch.evaluation import metrics
     from simsearch.evaluation.datasets import load_mask
     from simsearch.images import load_image
-    from simsearch.scoring import image_score, patch_scores, smooth
+    from simsearch.scoring import discounted, image_score, patch_scores, smooth
     from simsearch.store.vectors import VectorIndex
     from simsearch.tiling import grid_to_image
 
@@ -70,10 +70,9 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
             distances, nearest = index.search(grid.features.reshape(hc * wc, -1), config.k_neighbours)
             scores = patch_scores(distances).reshape(hc, wc)
             if density:
-                # Each patch's distance over its nearest bank patch's own distance to its 8 bank neighbours:
-                # a match in a sparse part of the bank (a rare but good look) counts for less.
-                own, _ = index.search(vectors[nearest[:, 0]], 9)
-                spreads.append((own[:, 1:].mean(axis=1).reshape(hc, wc), grid.layout, image.height, image.width))
+                # How sparse the bank is around each patch's nearest reference (VectorIndex.spread): a match in
+                # a sparse part of the bank (a rare but good look) counts for less below.
+                spreads.append((index.spread(nearest[:, 0]).reshape(hc, wc), grid.layout, image.height, image.width))
             raw = grid_to_image(scores, grid.layout, image.height, image.width)
             amap = smooth(raw, config.blur_sigma / config.scale_for(image.height, image.width))
             if blurs:
@@ -95,16 +94,17 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
     for k in top_ks:
         row[f"image_auroc_top{k}"] = metrics.image_auroc(labels, np.asarray([image_score(g, k) for g in grids]))
     if density:
-        # The bank's typical spread, from a sample of its vectors: the "clip" variant divides only by spreads
-        # above it (rare looks count for less; common ones as before), the plain variant by every spread.
-        sample = vectors[np.random.default_rng(0).choice(len(vectors), min(4000, len(vectors)), replace=False)]
-        own, _ = index.search(sample, 9)
-        typical = float(np.median(own[:, 1:].mean(axis=1)))
+        # The bank's typical spread, from a random sample of its vectors (the index's ids are positions): the
+        # "clip" variants discount only spreads above a floor (rare looks count for less; common ones as before),
+        # the "density" variant every spread (its tiny floor only scales all scores alike).
+        sample = np.random.default_rng(0).choice(len(vectors), min(4000, len(vectors)), replace=False)
+        typical = float(np.median(index.spread(sample)))
         row["typical_spread"] = typical
         variants = {"density": (1e-6, 1.0), "clip": (typical, 1.0), "clip-half": (typical, 0.5),
                     "clip2": (2 * typical, 1.0)}  # name: (floor, power)
         for name, (floor, power) in variants.items():
-            relative = [g * (floor / np.maximum(sp[0], floor)) ** power for g, sp in zip(grids, spreads)]
+            relative = [discounted(g.ravel(), sp[0].ravel(), floor, power).reshape(g.shape)
+                        for g, sp in zip(grids, spreads)]
             for k in top_ks:
                 row[f"image_auroc_{name}_top{k}"] = metrics.image_auroc(labels, np.asarray(
                     [image_score(r, k) for r in relative]))

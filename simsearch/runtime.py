@@ -30,7 +30,7 @@ def thread_count() -> int:
 def configure_threads(n: int | None = None) -> int:
     """Give torch and faiss the same number of threads (`n`, default `thread_count()`); returns it.
 
-    Cheap and idempotent: called whenever an Engine loads its embedder or bank.
+    Cheap and idempotent: called whenever an Engine creates or loads its embedder.
     """
     import faiss
     import torch
