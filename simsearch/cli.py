@@ -39,6 +39,10 @@ ScaleOpt = Annotated[Optional[float], typer.Option(help="A fixed resize factor b
 ShortSideOpt = Annotated[Optional[int], typer.Option(help="Resize each image so its shorter side has this many "
                                                       "pixels (default 192).")]
 TileSizeOpt = Annotated[Optional[int], typer.Option(help="Tile side in pixels, a multiple of 32 (default 256).")]
+IndexKindOpt = Annotated[Optional[str], typer.Option(help="auto (exact below 200,000 patch vectors, then ivf-sq8), "
+                                                      "flat, ivf-flat, ivf-sq8 or ivf-pq.")]
+NprobeOpt = Annotated[Optional[int], typer.Option(help="IVF lists searched per patch (default: 32, or 1/32 of the "
+                                                  "lists beyond 1024).")]
 USER_ERRORS = (SimsearchError, ImageError, BackboneError, SchemaError, ValueError)
 
 
@@ -94,13 +98,14 @@ def index_add(
     tile_size: TileSizeOpt = None,
     tile_stride: Annotated[Optional[int], typer.Option(help="Tile step in pixels.")] = None,
     dims: Annotated[Optional[int], typer.Option(help="Reduce patch vectors to this many dimensions.")] = None,
-    index_kind: Annotated[Optional[str], typer.Option(help="auto, flat, ivf-flat, ivf-sq8 or ivf-pq.")] = None,
+    index_kind: IndexKindOpt = None,
+    nprobe: NprobeOpt = None,
     as_json: JsonFlag = False,
 ):
     """Add good images to the bank (creates the index on first use)."""
     options = {k: v for k, v in dict(backbone=backbone, weights=weights, scale=scale, short_side=short_side,
-                                     tile_size=tile_size,
-                                     tile_stride=tile_stride, dims=dims, index_kind=index_kind).items()
+                                     tile_size=tile_size, tile_stride=tile_stride, dims=dims, index_kind=index_kind,
+                                     nprobe=nprobe).items()
                if v is not None}
     dir_existed, index_existed = index.exists(), Engine.exists(index)
     try:
@@ -289,6 +294,8 @@ def eval_command(
     short_side: ShortSideOpt = None,
     tile_size: TileSizeOpt = None,
     backbone: BackboneOpt = None,
+    index_kind: IndexKindOpt = None,
+    nprobe: NprobeOpt = None,
     workdir: Annotated[Optional[Path], typer.Option(help="Where the temporary indexes go.")] = None,
     as_json: JsonFlag = False,
 ):
@@ -300,7 +307,8 @@ def eval_command(
     if method not in METHODS:
         fail(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     settings = {k: v for k, v in dict(scale=scale, short_side=short_side, tile_size=tile_size,
-                                      backbone=backbone).items() if v is not None}
+                                      backbone=backbone, index_kind=index_kind, nprobe=nprobe).items()
+                if v is not None}
     results = []
     with user_errors():
         names = category_names(dataset)

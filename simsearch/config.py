@@ -52,6 +52,7 @@ class IndexConfig:
     pipeline_version: int = PIPELINE_VERSION
     # Search and scoring settings: they do not change vectors, so they are not in the fingerprint.
     index_kind: str = "auto"  # "auto" (exact while small, IVF when large) or a kind in store.vectors.KINDS
+    nprobe: int | None = None  # IVF lists searched per patch; None: store.vectors.default_nprobe of the bank's lists
     k_neighbours: int = 1
     image_top_k: int = 16  # the image score is the mean of this many highest patch scores...
     # ...each discounted by (typical spread / its nearest reference's spread) ** this, where the bank is sparser
@@ -88,6 +89,8 @@ class IndexConfig:
             raise ValueError(f"image top k must be >= 1, got {self.image_top_k}")
         if not self.sparse_discount >= 0:
             raise ValueError(f"sparse discount must be >= 0, got {self.sparse_discount}")
+        if self.nprobe is not None and self.nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {self.nprobe}")
         if self.k_neighbours < 1:
             raise ValueError(f"k must be >= 1, got {self.k_neighbours}")
 
@@ -98,7 +101,7 @@ class IndexConfig:
     def embedder_fields(self) -> dict:
         """The settings that decide the vectors (the fingerprint's content)."""
         d = self.to_dict()
-        for key in ("index_kind", "k_neighbours", "image_top_k", "sparse_discount", "blur_sigma", "extra", "weights"):
+        for key in ("index_kind", "nprobe", "k_neighbours", "image_top_k", "sparse_discount", "blur_sigma", "extra", "weights"):
             d.pop(key)
         # A field left at its legacy value is omitted, so fingerprints made before it existed still match.
         for key, legacy in LEGACY_DEFAULTS.items():

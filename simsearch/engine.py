@@ -38,7 +38,7 @@ from .faults import crash_point
 from .store import bankfiles
 from .store.catalog import Catalog
 from .store.spool import VectorSpool
-from .store.vectors import VectorIndex, choose_kind, fsync_directory
+from .store.vectors import IVF_KINDS, VectorIndex, choose_kind, fsync_directory
 from .tiling import grid_to_image
 
 Progress = Callable[[int, int, str], None]
@@ -324,6 +324,7 @@ class Engine:
                 self._pooled = VectorIndex.flat(self.config.feature_dim)
             else:
                 self._bank, self._pooled = banks["patches"], banks["images"]
+                self._bank.use_nprobe(self.config.nprobe)
             self._bank_generation = generation
             return
         raise SimsearchError(f"{self.directory}: the bank kept changing while being read; try again")
@@ -528,8 +529,12 @@ class Engine:
         """`bank` with the (vectors, ids) blocks of `blocks()` (`n_more` vectors) added, rebuilt as
         another kind when its new size calls for one; one block in memory at a time."""
         kind = choose_kind(self.config.index_kind, bank.ntotal + n_more)
+        if self.config.index_kind == "auto" and bank.kind in IVF_KINDS:
+            kind = bank.kind  # an approximate bank made by an older "auto" policy keeps its kind: no surprise rebuild
         if kind != bank.kind:
-            return bank.grown_as(kind, blocks, n_more)
+            grown = bank.grown_as(kind, blocks, n_more)
+            grown.use_nprobe(self.config.nprobe)
+            return grown
         for vectors, ids in blocks():
             if len(ids):
                 bank.add(vectors, ids)

@@ -51,6 +51,7 @@ def test_fingerprint_changes_with_embedder_settings(change):
     {"blur_sigma": 0.0},
     {"index_kind": "ivf-flat"},
     {"index_kind": "flat"},
+    {"nprobe": 64},
     {"weights": "hub"},
     {"weights": "my_weights.safetensors"},
     {"extra": {"anything": 1}},
@@ -61,7 +62,7 @@ def test_fingerprint_ignores_search_and_scoring_settings(change):
 
 def test_embedder_fields():
     fields = IndexConfig().embedder_fields()
-    for key in ("index_kind", "k_neighbours", "blur_sigma", "extra", "weights"):
+    for key in ("index_kind", "nprobe", "k_neighbours", "blur_sigma", "extra", "weights"):
         assert key not in fields
     for key in ("backbone", "weights_sha256", "tile_size", "tile_stride", "scale", "layers", "patch_stride"):
         assert key in fields
@@ -80,6 +81,7 @@ def test_embedder_fields():
     {"neighbourhood": 2},
     {"dims": 0},
     {"index_kind": "hnsw"},
+    {"nprobe": 0},
     {"k_neighbours": 0},
 ])
 def test_invalid_values_raise(bad):

@@ -347,3 +347,36 @@ def test_add_that_crosses_to_an_ivf_bank_builds_the_bank_from_all_vectors(tmp_pa
     expected = VectorIndex.from_vectors("ivf-flat", vectors[order], ids[order])
     assert faiss.serialize_index(bank.index).tobytes() == faiss.serialize_index(expected.index).tobytes()
     assert engine.check()["ok"]
+
+
+def test_nprobe_setting_reaches_the_loaded_bank_and_an_auto_ivf_bank_keeps_its_kind(tmp_path, monkeypatch):
+    from simsearch import engine as engine_module
+    from simsearch.store.vectors import default_nprobe
+    # "auto" as an older policy had it: ivf-flat from 1000 vectors
+    monkeypatch.setattr(engine_module, "choose_kind",
+                        lambda requested, n: "ivf-flat" if requested == "auto" and n >= 1000 else
+                        ("flat" if requested == "auto" else requested))
+    engine = Engine.create(tmp_path / "index", nprobe=3)
+    engine.add([str(p) for p in piped_train()[:4]])
+    assert engine.bank.kind == "ivf-flat" and engine.bank.nprobe == 3
+    engine.close()
+    with Engine.open(tmp_path / "index") as reopened:
+        assert reopened.config.nprobe == 3 and reopened.bank.nprobe == 3
+    # the policy changes (ivf-sq8 now): the stored ivf-flat bank grows in place instead of being rebuilt
+    monkeypatch.setattr(engine_module, "choose_kind",
+                        lambda requested, n: "ivf-sq8" if requested == "auto" and n >= 1000 else
+                        ("flat" if requested == "auto" else requested))
+    with Engine.open(tmp_path / "index") as reopened:
+        before = reopened.bank.ntotal
+        reopened.add([str(p) for p in piped_train()[4:6]])
+        assert reopened.bank.kind == "ivf-flat" and reopened.bank.ntotal > before and reopened.bank.nprobe == 3
+    # without a setting, a loaded bank searches the default number of lists, whatever its file says
+    engine = Engine.create(tmp_path / "default")
+    engine.add([str(p) for p in piped_train()[:4]])
+    nlist = engine.bank.index.nlist
+    engine.bank.nprobe = 1
+    from simsearch.store.bankfiles import bank_path
+    engine.bank.save(bank_path(tmp_path / "default", "patches", engine.catalog.state()["generation"]))
+    engine.close()
+    with Engine.open(tmp_path / "default") as reopened:
+        assert reopened.bank.nprobe == default_nprobe(nlist)

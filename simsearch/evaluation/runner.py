@@ -90,6 +90,7 @@ def cross_scores(engine: Engine, folds: int, progress: Progress | None = None) -
         bank_vectors = np.concatenate(rest)
         kind = choose_kind(engine.config.index_kind, len(bank_vectors))
         bank = VectorIndex.from_vectors(kind, bank_vectors, np.arange(len(bank_vectors)))
+        bank.use_nprobe(engine.config.nprobe)
         for pos in np.flatnonzero(fold_of == f):
             distances, nearest = bank.search(per_image[image_ids[pos]], engine.config.k_neighbours)
             scores[pos] = discounted_image_score(patch_scores(distances), nearest[:, 0], bank,

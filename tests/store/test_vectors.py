@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from simsearch.store.vectors import (APPROX_FROM, AUTO_APPROX_KIND, IVF_KINDS, KINDS, VectorIndex,
-                                     bytes_per_vector, choose_kind, ivf_lists_for, pq_subquantizers)
+                                     bytes_per_vector, choose_kind, default_nprobe, ivf_lists_for, pq_subquantizers)
 
 ALL_KINDS = ("flat",) + IVF_KINDS
 
@@ -280,6 +280,24 @@ def test_ivf_lists_for_leaves_at_least_64_vectors_per_list():
     assert ivf_lists_for(10 ** 6) > 64  # large banks are really partitioned
 
 
+def test_default_nprobe_and_the_auto_kind_memory():
+    assert [default_nprobe(n) for n in (1, 16, 128, 1024, 2048, 4096)] == [1, 16, 32, 32, 64, 128]
+    # the approximate kind "auto" picks keeps less than flat float32 vectors
+    assert bytes_per_vector(AUTO_APPROX_KIND, 152) == 160 < bytes_per_vector("flat", 152) == 616
+
+
+def test_use_nprobe_sets_a_value_or_the_default_policy():
+    data = _clustered(4000)
+    ivf = VectorIndex.from_vectors("ivf-flat", data, nlist=64)
+    ivf.use_nprobe(5)
+    assert ivf.nprobe == 5
+    ivf.use_nprobe(None)
+    assert ivf.nprobe == default_nprobe(64) == 32
+    flat = VectorIndex.from_vectors("flat", data)
+    flat.use_nprobe(5)
+    assert flat.nprobe is None
+
+
 def test_choose_kind():
     assert KINDS == ("auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq")
     assert choose_kind("auto", 0) == "flat"
@@ -363,7 +381,7 @@ def recall_data():
 def test_recall_at_1_against_flat(recall_data, kind, floor):
     bank, queries, (fd, fi) = recall_data
     index = VectorIndex.create(kind, DIM, bank[:4000])  # trained on a sample, holding all 20k
-    assert index.nprobe == 8  # the default for up to 64 * 64 lists
+    assert index.nprobe == default_nprobe(index.index.nlist) == min(32, index.index.nlist)
     index.add(bank, np.arange(len(bank)))
     index.nprobe = 32  # generous: most of the recall left to lose is the quantizer's
     d, i = index.search(queries, k=10)
