@@ -518,6 +518,8 @@ def run_step(step: str) -> dict:
         return step_embed_ab()
     if step == "forward-batch":
         return step_forward_batch()
+    if step == "build-vs-anomalib":
+        return step_build_vs_anomalib()
     if step.startswith("build-"):
         return build(step)
     if step == "export":
@@ -537,8 +539,7 @@ def run_step(step: str) -> dict:
         return step_coreset()
     if step == "auroc":
         return step_auroc()
-    if step == "build-vs-anomalib":
-        return step_build_vs_anomalib()
+
     raise SystemExit(f"unknown step {step}")
 
 
