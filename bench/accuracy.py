@@ -39,6 +39,8 @@ ABLATION = {
     "lite0": {"backbone": "tf_efficientnet_lite0"},
     "lite2": {"backbone": "tf_efficientnet_lite2"},
     "strides=4,8": {"layers": (1, 2)},
+    "coreset=0.1": {"coreset": 0.1},  # not an IndexConfig field: passed to the add
+    "coreset=0.01": {"coreset": 0.01},
 }
 
 
@@ -61,7 +63,9 @@ def run_missing(methods: list[str], datasets: list[str], fresh: bool, variants: 
                 if path.exists() and not fresh:
                     continue
                 start = time.perf_counter()
-                result = evaluate_category(load_category(root, name), method=method, settings=settings)
+                index_settings = {k: v for k, v in (settings or {}).items() if k != "coreset"}
+                result = evaluate_category(load_category(root, name), method=method, settings=index_settings,
+                                           coreset=(settings or {}).get("coreset"))
                 record = result.to_dict() | {"dataset": dataset, "method": label,
                                              "wall_seconds": round(time.perf_counter() - start, 1)}
                 if method == "patchcore":  # what "the defaults" were when this ran

@@ -9,6 +9,7 @@ project's venv, by bench/anomalib_metrics.py from the .npz written here.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--fit-only", action="store_true", help="time the fit alone; write {fit_seconds, bank_size} as JSON")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,6 +111,13 @@ def main() -> None:
         datamodule.setup()
         engine.fit(model=model, train_dataloaders=datamodule.train_dataloader())
         fit_s = time.perf_counter() - t0
+        if args.fit_only:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"fit_seconds": fit_s, "bank_size": int(model.model.memory_bank.shape[0]),
+                                            "train_images": len(datamodule.train_data), "threads": torch.get_num_threads(),
+                                            "coreset_ratio": args.coreset_ratio, "anomalib_version": anomalib.__version__}))
+            print(f"{args.category}: fit {fit_s:.1f}s, bank {model.model.memory_bank.shape[0]} -> {args.out}")
+            return
         t0 = time.perf_counter()
         batches = engine.predict(model=model, dataloaders=datamodule.test_dataloader(), return_predictions=True)
         predict_s = time.perf_counter() - t0

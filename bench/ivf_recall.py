@@ -1,8 +1,8 @@
 """Recall@1 of an index's approximate patch bank against exact search, on real query patches.
 
-Usage: .venv/bin/python bench/ivf_recall.py INDEX_DIR 'TEST_IMAGES_GLOB' [--nprobe 16 32 64]
+Usage: .venv/bin/python bench/ivf_recall.py INDEX_DIR 'TEST_IMAGES_GLOB' [--nprobe 16 32 64] [--kind ivf-sq8]
 Embeds every 60th test image, samples 3,000 of their patch vectors, and compares the bank's answer
-with faiss IndexFlatL2 over the same vectors.
+with faiss IndexFlatL2 over the same vectors. `--kind`: the bank's vectors rebuilt as that kind first.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 
 from simsearch import Engine
 from simsearch.images import load_image
+from simsearch.store.vectors import VectorIndex
 
 
 def main() -> None:
@@ -23,12 +24,15 @@ def main() -> None:
     parser.add_argument("images")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--queries", type=int, default=3000)
+    parser.add_argument("--kind", help="rebuild the bank's vectors as this index kind first")
     args = parser.parse_args()
     engine = Engine.open(args.index)
     bank = engine.bank
-    if bank.kind == "flat":
-        raise SystemExit("this index's bank is exact already")
     ids, vectors = bank.all_vectors()
+    if args.kind:
+        bank = VectorIndex.from_vectors(args.kind, vectors, ids)
+    if bank.kind == "flat":
+        raise SystemExit("this bank is exact already")
     exact = faiss.IndexFlatL2(vectors.shape[1])
     exact.add(vectors)
     files = sorted(glob.glob(args.images))[::60]

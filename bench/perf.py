@@ -44,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +61,8 @@ BUILD_SETTINGS = dict(scale=1.0, short_side=None, tile_size=256, tile_stride=192
 # "Before" for the A/B steps: the last commit before the speed work landed (it was HEAD when they were first run).
 BEFORE_REV = "7f05de5"
 STEPS = ("forward-batch", "embed-ab", "build-before", "build-after", "export", "tier-10k", "tier-100k", "tier-1m",
-         "latency-10k", "latency-100k", "latency-1m", "wait-policy", "coreset", "auroc")
+         "latency-10k", "latency-100k", "latency-1m", "wait-policy", "coreset", "auroc", "build-vs-anomalib",
+         "tier-10m")
 
 
 def peak_rss_mib() -> float:
@@ -90,6 +92,17 @@ def embedder():
     config = IndexConfig(**{k: v for k, v in BUILD_SETTINGS.items() if k != "index_kind"}, feature_dim=152)
     configure_threads()
     return Embedder(config, build_backbone("tf_efficientnet_lite1", "embedded", config.layers))
+
+
+def default_embedder():
+    """The embedder of a fresh index at today's defaults (short side 192, strides 8 and 16, no averaging)."""
+    from simsearch.backbones import build_backbone
+    from simsearch.config import IndexConfig
+    from simsearch.features import Embedder
+    from simsearch.runtime import configure_threads
+    config = IndexConfig(feature_dim=152)
+    configure_threads()
+    return Embedder(config, build_backbone(config.backbone, "embedded", config.layers))
 
 
 # -- steps ------------------------------------------------------------------------------------------
@@ -194,33 +207,36 @@ def build(step: str) -> dict:
 
 
 def step_export() -> dict:
-    from sqlalchemy import select
-    from simsearch import Engine
-    from simsearch.images import load_image
-    from simsearch.store.catalog import vectors as vectors_table
-    engine = Engine.open(CACHE / "index")
-    ids, vecs = engine.bank.all_vectors()
-    order = np.argsort(ids)
-    np.save(CACHE / "bank.f16.npy", vecs[order].astype(np.float16))
-    np.save(CACHE / "bank_ids.npy", ids[order])
-    with engine.catalog.engine.connect() as conn:
-        rows = np.asarray(conn.execute(select(vectors_table.c.id, vectors_table.c.image_id)
-                                       .order_by(vectors_table.c.id)).all(), dtype=np.int64)
-    np.save(CACHE / "bank_owner.npy", rows[np.searchsorted(rows[:, 0], ids[order]), 1])
+    """Real patch vectors at the defaults (IndexConfig()): magnetic_tile train/good as is and mirrored left-right
+    and top-bottom (each a plausible good tile), for the 1m tier; queries from every 20th test image."""
+    from simsearch.images import Image, load_image
+    emb = default_embedder()
+
+    def grids(paths, flip):
+        for p in paths:
+            rgb = load_image(p).rgb
+            yield Image(rgb=np.ascontiguousarray(rgb if flip is None else cv2.flip(rgb, flip)), sha256="",
+                        source=str(p))
+    blocks = []
+    for flip in (None, 1, 0):
+        blocks += [g.features.reshape(-1, g.features.shape[-1]).astype(np.float16)
+                   for g in emb.embed_many(grids(train_images(), flip))]
+    bank = np.concatenate(blocks)
+    np.save(CACHE / "bank.f16.npy", bank)
     files = test_images()[::20]
     patches = np.concatenate([g.features.reshape(-1, g.features.shape[-1]) for g in
-                              engine.embedder.embed_many(load_image(p) for p in files)])
+                              emb.embed_many(load_image(p) for p in files)])
     pick = np.sort(np.random.default_rng(0).choice(len(patches), min(10_000, len(patches)), replace=False))
     np.save(CACHE / "queries.f16.npy", patches[pick].astype(np.float16))
-    return {"bank_vectors": int(len(ids)), "query_images": len(files), "query_patches": int(len(pick))}
+    return {"config": "defaults", "bank_vectors": int(len(bank)), "train_images": len(train_images()),
+            "views": ["as is", "left-right", "top-bottom"], "query_images": len(files), "query_patches": int(len(pick))}
 
 
 def tier_vectors(tier: str) -> tuple[np.ndarray, np.ndarray]:
     bank = np.load(CACHE / "bank.f16.npy", mmap_mode="r")
-    ids = np.load(CACHE / "bank_ids.npy")
     n = min(TIERS[tier], len(bank))
     pick = np.sort(np.random.default_rng(0).choice(len(bank), n, replace=False))
-    return np.ascontiguousarray(bank[pick], dtype=np.float32), ids[pick]
+    return np.ascontiguousarray(bank[pick], dtype=np.float32), pick.astype(np.int64)
 
 
 def step_tier(tier: str) -> dict:
@@ -263,15 +279,17 @@ def step_tier(tier: str) -> dict:
 
 
 def latency(tier: str, kinds: list[str], images: int = 20) -> dict:
-    """Query latency per image against the backbone forward alone, interleaved per image."""
+    """Query latency per image against the backbone forward alone, interleaved per image, on an index at the
+    defaults whose bank is swapped for the tier's vectors (ids outside its catalog: no nearest-image rows)."""
     import torch
     from simsearch import Engine
     from simsearch.features import tiles_per_batch
     from simsearch.images import Image, load_image
     from simsearch.runtime import configure_threads
     from simsearch.store.vectors import VectorIndex
-    configure_threads(2)
-    engine = Engine.open(CACHE / "index")
+    tmp = tempfile.TemporaryDirectory()
+    engine = Engine.create(Path(tmp.name) / "index")
+    engine.add([str(train_images()[0])])
     emb = engine.embedder
     configure_threads(2)
     engine.bank  # loads the generation; its bank is swapped below for the tier's
@@ -283,7 +301,7 @@ def latency(tier: str, kinds: list[str], images: int = 20) -> dict:
         engine._bank = VectorIndex.from_vectors(kind, vectors, ids)
         nprobe = engine._bank.nprobe
         engine.query(decoded[0])  # warm
-        forward, query = [], []
+        forward, query, patches = [], [], []
         for rgb in decoded:
             tiles, _ = emb.tiles_of(Image(rgb=rgb, sha256="", source="<array>"))
             with torch.inference_mode():
@@ -297,13 +315,17 @@ def latency(tier: str, kinds: list[str], images: int = 20) -> dict:
             result = engine.query(rgb)
             query.append(time.perf_counter() - start)
             assert result.anomaly_map.shape == rgb.shape[:2]
+            patches.append(int(np.prod(emb.embed(Image(rgb=rgb, sha256="", source="<array>")).grid_shape)))
         ratio = np.asarray(query) / np.asarray(forward)
         out["kinds"][kind] = {
-            "nprobe": nprobe, "query_p50_ms": 1000 * float(np.percentile(query, 50)),
+            "nprobe": nprobe, "patches_per_image_p50": float(np.median(patches)),
+            "query_p50_ms": 1000 * float(np.percentile(query, 50)),
             "query_p95_ms": 1000 * float(np.percentile(query, 95)),
             "forward_p50_ms": 1000 * float(np.percentile(forward, 50)),
             "forward_p95_ms": 1000 * float(np.percentile(forward, 95)),
             "ratio_p50": float(np.median(ratio)), "ratio_of_p50s": float(np.median(query) / np.median(forward))}
+    engine.close()
+    tmp.cleanup()
     return out
 
 
@@ -349,20 +371,18 @@ def step_coreset() -> dict:
 
 
 def step_auroc() -> dict:
-    from simsearch.backbones import build_backbone
+    """Image AUROC with exact search against each approximate kind at its default nprobe, image score as the
+    engine computes it (scoring.discounted_image_score at the defaults)."""
     from simsearch.config import IndexConfig
-    from simsearch.evaluation.datasets import load_category
+    from simsearch.evaluation.datasets import category_names, load_category
     from simsearch.evaluation.metrics import image_auroc
-    from simsearch.features import Embedder
     from simsearch.images import load_image
-    from simsearch.runtime import configure_threads
+    from simsearch.scoring import discounted_image_score, patch_scores
     from simsearch.store.vectors import VectorIndex, choose_kind
-    configure_threads()
-    config = IndexConfig(**{k: v for k, v in BUILD_SETTINGS.items() if k != "index_kind"}, feature_dim=152)
-    emb = Embedder(config, build_backbone("tf_efficientnet_lite1", "embedded", config.layers))
-    cases = [("magnetic_tile", DATA / "magnetic_tile", "magnetic_tile", 4, 6),
-             ("PA_BDP01_TL", DATA / "piped", "PA_BDP01_TL", 1, 1),
-             ("PA_BFT01_TL", DATA / "piped", "PA_BFT01_TL", 1, 1)]
+    config = IndexConfig()
+    emb = default_embedder()
+    cases = [("magnetic_tile", DATA / "magnetic_tile", "magnetic_tile", 2, 3)]
+    cases += [(name, DATA / "piped", name, 1, 1) for name in category_names(DATA / "piped")]
     out = {}
     for name, root, category_name, train_every, test_every in cases:
         category = load_category(root, category_name)
@@ -373,19 +393,123 @@ def step_auroc() -> dict:
         grids = [g.features.reshape(-1, 152) for g in emb.embed_many(load_image(s.path) for s in tests)]
         queries = np.concatenate(grids)
         bounds = np.cumsum([0] + [len(g) for g in grids])
-        row = {"bank_vectors": int(len(bank)), "test_images": len(tests), "auto_kind": choose_kind("auto", len(bank)),
-               "kinds": {}}
+        row = {"train_images": len(train), "bank_vectors": int(len(bank)), "test_images": len(tests),
+               "auto_kind": choose_kind("auto", len(bank)), "kinds": {}}
+        exact_ids = None
         for kind in KINDS:
             index = VectorIndex.from_vectors(kind, bank)
             start = time.perf_counter()
-            d, _ = index.search(queries, 1)
-            scores = np.asarray([d[a:b, 0].max() for a, b in zip(bounds[:-1], bounds[1:])])
-            row["kinds"][kind] = {"image_auroc": image_auroc(labels, scores), "nprobe": index.nprobe,
-                                  "search_s": time.perf_counter() - start}
+            d, i = index.search(queries, 1)
+            search_s = time.perf_counter() - start
+            scores = [discounted_image_score(patch_scores(d[a:b]), i[a:b, 0], index, config.image_top_k,
+                                             config.sparse_discount) for a, b in zip(bounds[:-1], bounds[1:])]
+            if kind == "flat":
+                exact_ids = i[:, 0]
+            row["kinds"][kind] = {"image_auroc": image_auroc(labels, np.asarray(scores)), "nprobe": index.nprobe,
+                                  "nlist": None if kind == "flat" else int(index._ivf.nlist),
+                                  "recall_at_1": float((i[:, 0] == exact_ids).mean()), "search_s": search_s}
         exact = row["kinds"]["flat"]["image_auroc"]
         for kind in KINDS[1:]:
             row["kinds"][kind]["delta_vs_exact"] = row["kinds"][kind]["image_auroc"] - exact
         out[name] = row
+        print(name, {k: round(v["image_auroc"], 4) for k, v in row["kinds"].items()}, flush=True)
+    piped = [r for n, r in out.items() if n != "magnetic_tile"]
+    out["piped_mean"] = {kind: {"image_auroc": float(np.mean([r["kinds"][kind]["image_auroc"] for r in piped])),
+                                "recall_at_1": float(np.mean([r["kinds"][kind]["recall_at_1"] for r in piped]))}
+                         for kind in KINDS}
+    return out
+
+
+def step_build_vs_anomalib() -> dict:
+    """`Engine.create` + `add` at the defaults (and with --coreset 0.01) against anomalib PatchCore's fit
+    (same weights, coreset ratio 0.01) on every 4th magnetic_tile train/good image, in one run."""
+    from simsearch import Engine
+    subset = train_images()[::4]
+    out = {"train_images": len(subset), "simsearch": {}}
+    for label, coreset in (("default", None), ("coreset-0.01", 0.01)):
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            engine = Engine.create(Path(tmp) / "index")
+            engine.add([str(p) for p in subset], coreset=coreset)
+            seconds = time.perf_counter() - start
+            out["simsearch"][label] = {"seconds": seconds, "bank_vectors": engine.bank.ntotal,
+                                       "bank_kind": engine.bank.kind}
+            engine.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        # An MVTec-layout category of the subset (links): anomalib reads its train/good folder.
+        root = Path(tmp) / "data" / "magnetic_tile"
+        (root / "train" / "good").mkdir(parents=True)
+        for p in subset:
+            (root / "train" / "good" / p.name).symlink_to(p)
+        (root / "test").symlink_to(MTD / "test")
+        (root / "ground_truth").symlink_to(MTD / "ground_truth")
+        result = Path(tmp) / "fit.json"
+        subprocess.run([str(ANOMALIB_PY), str(ROOT / "bench" / "anomalib_patchcore.py"), "--data", str(root.parent),
+                        "--category", "magnetic_tile", "--norm", "weights", "--coreset-ratio", "0.01", "--fit-only",
+                        "--out", str(result)], check=True)
+        out["anomalib"] = json.loads(result.read_text())
+    for label, row in out["simsearch"].items():
+        row["anomalib_fit_over_this"] = out["anomalib"]["fit_seconds"] / row["seconds"]
+    return out
+
+
+def step_tier_10m(n: int = 10_000_000, block: int = 500_000) -> dict:
+    """The 10M tier on synthetic vectors (a Gaussian mixture at the real bank's scale): the auto kind built block
+    by block (the index saved after each block, so a cut run resumes), then search time and recall@1 of 1,000
+    queries against exact search, and the index's own bytes per vector."""
+    import faiss
+    from simsearch.runtime import configure_threads
+    from simsearch.store.vectors import VectorIndex, choose_kind, ivf_lists_for
+    configure_threads()
+    kind = choose_kind("auto", n)
+    real = np.load(CACHE / "bank.f16.npy", mmap_mode="r")
+    sample = np.asarray(real[np.sort(np.random.default_rng(0).choice(len(real), 4096, replace=False))], np.float32)
+    centres = sample[:1024]  # cluster centres taken from real vectors, spread by the real per-dimension deviation
+    sigma = 0.5 * sample.std(axis=0)
+
+    def synthetic(start: int, count: int) -> np.ndarray:
+        rng = np.random.default_rng(1000 + start // block)
+        return (centres[rng.integers(0, len(centres), count)] + rng.standard_normal((count, sample.shape[1]),
+                                                                                      dtype=np.float32) * sigma)
+    path, state = CACHE / "tier10m.faiss", CACHE / "tier10m.progress.json"
+    done = json.loads(state.read_text())["added"] if state.exists() and path.exists() else 0
+    if done:
+        index = VectorIndex.load(path)
+    else:
+        start = time.perf_counter()
+        index = VectorIndex.create(kind, sample.shape[1], synthetic(0, 64 * ivf_lists_for(n)), ivf_lists_for(n))
+        state.write_text(json.dumps({"added": 0, "train_s": time.perf_counter() - start, "add_s": 0.0}))
+    progress = json.loads(state.read_text())
+    while done < n:
+        start = time.perf_counter()
+        index.add(synthetic(done, block), np.arange(done, done + block))
+        done += block
+        progress["add_s"] += time.perf_counter() - start
+        progress["added"] = done
+        index.save(path)
+        state.write_text(json.dumps(progress))
+        print(f"tier-10m: {done} vectors", flush=True)
+    index.use_nprobe(None)
+    queries = synthetic(n, 1000)
+    exact = np.full(len(queries), np.inf, np.float32)
+    exact_ids = np.zeros(len(queries), np.int64)
+    for s in range(0, n, block):  # exact search block by block (the vectors are regenerated, not stored)
+        flat = faiss.IndexFlatL2(sample.shape[1])
+        flat.add(synthetic(s, block))
+        d, i = flat.search(queries, 1)
+        better = d[:, 0] < exact
+        exact[better], exact_ids[better] = d[better, 0], i[better, 0] + s
+    out = {"vectors": n, "kind": kind, "nlist": int(index._ivf.nlist), "bytes_per_vector": index.bytes_per_vector(),
+           "flat_bytes_per_vector": 4 * sample.shape[1] + 8, "memory_bytes": index.memory_bytes(),
+           "file_bytes": path.stat().st_size, "train_s": progress["train_s"], "add_s": progress["add_s"],
+           "default_nprobe": index.nprobe, "search": {}}
+    for nprobe in sorted({index.nprobe, 32, 128, 256}):
+        index.nprobe = nprobe
+        start = time.perf_counter()
+        d, i = index.search(queries, 1)
+        seconds = time.perf_counter() - start
+        out["search"][str(nprobe)] = {"ms_per_1k_queries": 1000 * seconds,
+                                      "recall_at_1": float((i[:, 0] == exact_ids).mean())}
     return out
 
 
@@ -398,6 +522,8 @@ def run_step(step: str) -> dict:
         return build(step)
     if step == "export":
         return step_export()
+    if step == "tier-10m":
+        return step_tier_10m()
     if step.startswith("tier-"):
         return step_tier(step.split("-", 1)[1])
     if step.startswith("latency-"):
@@ -411,6 +537,8 @@ def run_step(step: str) -> dict:
         return step_coreset()
     if step == "auroc":
         return step_auroc()
+    if step == "build-vs-anomalib":
+        return step_build_vs_anomalib()
     raise SystemExit(f"unknown step {step}")
 
 

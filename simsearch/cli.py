@@ -41,8 +41,8 @@ ShortSideOpt = Annotated[Optional[int], typer.Option(help="Resize each image so 
 TileSizeOpt = Annotated[Optional[int], typer.Option(help="Tile side in pixels, a multiple of 32 (default 256).")]
 IndexKindOpt = Annotated[Optional[str], typer.Option(help="auto (exact below 200,000 patch vectors, then ivf-sq8), "
                                                       "flat, ivf-flat, ivf-sq8 or ivf-pq.")]
-NprobeOpt = Annotated[Optional[int], typer.Option(help="IVF lists searched per patch (default: 32, or 1/32 of the "
-                                                  "lists beyond 1024).")]
+NprobeOpt = Annotated[Optional[int], typer.Option(help="IVF lists searched per patch (default: 2 x the square root "
+                                                  "of the number of lists, at least 32).")]
 USER_ERRORS = (SimsearchError, ImageError, BackboneError, SchemaError, ValueError)
 
 
@@ -352,6 +352,8 @@ def eval_command(
     backbone: BackboneOpt = None,
     index_kind: IndexKindOpt = None,
     nprobe: NprobeOpt = None,
+    coreset: Annotated[Optional[float], typer.Option(help="Keep this fraction of train/good's patch vectors "
+                                                      "(greedy k-center coreset).")] = None,
     workdir: Annotated[Optional[Path], typer.Option(help="Where the temporary indexes go.")] = None,
     finetune: Annotated[bool, typer.Option("--finetune", help="Fine-tune a head on each category's train/good "
                                                              "(never on test images) and evaluate with it.")] = False,
@@ -391,7 +393,7 @@ def eval_command(
                       highlight=False)
             with staged_progress(f"{name} ") as update:
                 result = evaluate_category(cat, method=method, settings=settings, folds=folds, target_fpr=target_fpr,
-                                           workdir=workdir, progress=update, finetune=tuning)
+                                           workdir=workdir, progress=update, finetune=tuning, coreset=coreset)
             results.append(result)
             if as_json:
                 emit_json(result.to_dict())

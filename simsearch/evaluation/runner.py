@@ -79,10 +79,22 @@ def _per_image_vectors(engine: Engine) -> dict[int, np.ndarray]:
     return {int(i): g for i, g in zip(image_ids, groups)}
 
 
-def cross_scores(engine: Engine, folds: int, progress: Progress | None = None) -> np.ndarray:
-    """Image scores of every bank image against a bank built without its fold. (N,) float."""
+def _full_patches(engine: Engine, image_ids: list[int]) -> dict[int, np.ndarray]:
+    """image id -> (n, D) patch vectors of the whole image, embedded again from its file (a coreset bank keeps
+    only some of them, and a held-out image must be scored on all its patches, as a query is)."""
+    from ..images import load_image
+    paths = {r["id"]: r["path"] for r in engine.catalog.images("reference")}
+    grids = engine.embedder.embed_many(load_image(paths[i]) for i in image_ids)
+    return {i: g.features.reshape(-1, g.features.shape[-1]) for i, g in zip(image_ids, grids)}
+
+
+def cross_scores(engine: Engine, folds: int, progress: Progress | None = None,
+                 reembed: bool = False) -> np.ndarray:
+    """Image scores of every bank image against a bank built without its fold. (N,) float. `reembed`: score
+    each image on all its patches, embedded again (for a bank that does not hold them all: a coreset)."""
     per_image = _per_image_vectors(engine)
     image_ids = sorted(per_image)
+    queries = _full_patches(engine, image_ids) if reembed else per_image
     folds = max(2, min(folds, len(image_ids)))
     scores = np.zeros(len(image_ids), dtype=np.float64)
     fold_of = np.arange(len(image_ids)) % folds
@@ -95,7 +107,7 @@ def cross_scores(engine: Engine, folds: int, progress: Progress | None = None) -
         bank = VectorIndex.from_vectors(kind, bank_vectors, np.arange(len(bank_vectors)))
         bank.use_nprobe(engine.config.nprobe)
         for pos in np.flatnonzero(fold_of == f):
-            distances, nearest = bank.search(per_image[image_ids[pos]], engine.config.k_neighbours)
+            distances, nearest = bank.search(queries[image_ids[pos]], engine.config.k_neighbours)
             scores[pos] = discounted_image_score(patch_scores(distances), nearest[:, 0], bank,
                                                  engine.config.image_top_k, engine.config.sparse_discount)
     if progress:
@@ -117,7 +129,8 @@ def _score_tests(category: Category, score: Callable, progress: Progress | None)
 
 
 def _run_patchcore(category: Category, settings: dict, folds: int, workdir, progress, seconds: dict,
-                   finetune: FinetuneSettings | None = None, trained: dict | None = None):
+                   finetune: FinetuneSettings | None = None, trained: dict | None = None,
+                   coreset: float | None = None):
     with tempfile.TemporaryDirectory(prefix=f"simsearch-eval-{category.name}-", dir=workdir) as tmp:
         head = None
         if finetune is not None:  # the head learns from train/good only, never from a test image
@@ -132,11 +145,11 @@ def _run_patchcore(category: Category, settings: dict, folds: int, workdir, prog
                                kinds_seen=run.kinds_seen)
         start = time.perf_counter()
         engine = Engine.create(Path(tmp) / "index", head=head, **settings)
-        engine.add([str(p) for p in category.train],
+        engine.add([str(p) for p in category.train], coreset=coreset,
                    progress=(lambda d, t, _m: progress("build", d, t)) if progress else None)
         seconds["build"] = time.perf_counter() - start
         start = time.perf_counter()
-        train_scores = cross_scores(engine, folds, progress)
+        train_scores = cross_scores(engine, folds, progress, reembed=coreset is not None and coreset < 1)
         seconds["threshold"] = time.perf_counter() - start
         start = time.perf_counter()
 
@@ -176,16 +189,18 @@ def _run_detector(make: Callable, category: Category, folds: int, progress, seco
 
 def evaluate_category(category: Category, *, method: str = "patchcore", settings: dict | None = None,
                       folds: int = 5, target_fpr: float = 0.01, workdir: str | Path | None = None,
-                      progress: Progress | None = None, finetune: FinetuneSettings | None = None) -> CategoryResult:
+                      progress: Progress | None = None, finetune: FinetuneSettings | None = None,
+                      coreset: float | None = None) -> CategoryResult:
     """One method on one category. `settings`: IndexConfig overrides for the engine's fresh index.
-    `finetune`: train a projection head on the category's train/good first and build the index with it."""
+    `finetune`: train a projection head on the category's train/good first and build the index with it.
+    `coreset`: the engine keeps that fraction of train/good's patch vectors (`Engine.add`)."""
     seconds: dict[str, float] = {}
     trained: dict = {}
-    if finetune is not None and method != "patchcore":
-        raise ValueError(f"fine-tuning applies to the engine (patchcore), not to {method!r}")
+    if (finetune is not None or coreset is not None) and method != "patchcore":
+        raise ValueError(f"fine-tuning and a coreset apply to the engine (patchcore), not to {method!r}")
     if method == "patchcore":
         train_scores, tests = _run_patchcore(category, settings or {}, folds, workdir, progress, seconds,
-                                             finetune, trained)
+                                             finetune, trained, coreset)
     elif method in BASELINES:
         train_scores, tests = _run_detector(BASELINES[method], category, folds, progress, seconds)
     else:

@@ -1,4 +1,5 @@
 """`simsearch eval` on a real PIPED category: no test leakage, real metrics, a report a person can read."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -26,6 +27,28 @@ def test_cross_scores_never_see_their_own_image(tmp_path):
     assert (scores > 1.0).all()
     own = [engine.query(row["path"]).score for row in engine.catalog.images("reference")[:3]]
     assert max(own) < 1e-3
+
+
+def test_cross_scores_of_a_coreset_bank_score_every_patch_of_the_held_out_image(tmp_path):
+    category = load_category(PIPED.parent, PIPED.name)
+    full = Engine.create(tmp_path / "full")
+    full.add([str(p) for p in category.train[:9]])
+    # re-embedding gives back the very vectors the full bank holds
+    np.testing.assert_allclose(cross_scores(full, folds=3, reembed=True), cross_scores(full, folds=3), rtol=1e-4)
+    core = Engine.create(tmp_path / "core")
+    core.add([str(p) for p in category.train[:9]], coreset=0.1)
+    kept_only, every_patch = cross_scores(core, folds=3), cross_scores(core, folds=3, reembed=True)
+    # the same fold banks; scoring all patches finds at least the highest of the kept ones, usually more
+    assert (every_patch >= kept_only - 1e-4).all() and (every_patch > kept_only + 1e-3).any()
+
+
+def test_evaluate_category_with_a_coreset(tmp_path):
+    full = load_category(PIPED.parent, PIPED.name)
+    category = dataclasses.replace(full, train=full.train[:12], test=full.test[::4])  # 4 good, 12 defective
+    result = evaluate_category(category, folds=3, workdir=tmp_path, coreset=0.1)
+    assert result.n_test_good == 4 and result.image_auroc >= 0.9 and result.threshold > 0
+    with pytest.raises(ValueError, match="coreset"):
+        evaluate_category(category, method="histogram-iforest", coreset=0.1)
 
 
 def test_evaluate_category_on_piped(tmp_path):

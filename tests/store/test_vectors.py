@@ -281,7 +281,7 @@ def test_ivf_lists_for_leaves_at_least_64_vectors_per_list():
 
 
 def test_default_nprobe_and_the_auto_kind_memory():
-    assert [default_nprobe(n) for n in (1, 16, 128, 1024, 2048, 4096)] == [1, 16, 32, 32, 64, 128]
+    assert [default_nprobe(n) for n in (1, 16, 128, 256, 512, 1024, 4096)] == [1, 16, 32, 32, 46, 64, 128]
     # the approximate kind "auto" picks keeps less than flat float32 vectors
     assert bytes_per_vector(AUTO_APPROX_KIND, 152) == 160 < bytes_per_vector("flat", 152) == 616
 
@@ -381,7 +381,7 @@ def recall_data():
 def test_recall_at_1_against_flat(recall_data, kind, floor):
     bank, queries, (fd, fi) = recall_data
     index = VectorIndex.create(kind, DIM, bank[:4000])  # trained on a sample, holding all 20k
-    assert index.nprobe == default_nprobe(index.index.nlist) == min(32, index.index.nlist)
+    assert index.nprobe == default_nprobe(index.index.nlist) == min(32, index.index.nlist)  # <= 256 lists
     index.add(bank, np.arange(len(bank)))
     index.nprobe = 32  # generous: most of the recall left to lose is the quantizer's
     d, i = index.search(queries, k=10)
