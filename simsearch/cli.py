@@ -92,7 +92,8 @@ def index_add(
     holdout: Annotated[float, typer.Option(help="Fraction kept out of the bank for calibration.")] = 0.0,
     coreset: Annotated[Optional[float], typer.Option(help="Keep this fraction of new patch vectors.")] = None,
     backbone: BackboneOpt = None,
-    weights: Annotated[Optional[str], typer.Option(help="Local weights file: .safetensors or .pth.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Local weights file: .safetensors or .pth, or a head "
+                                                        "from `simsearch finetune` (told apart by its metadata).")] = None,
     scale: ScaleOpt = None,
     short_side: ShortSideOpt = None,
     tile_size: TileSizeOpt = None,
@@ -281,6 +282,61 @@ def search(
         out.print(f"{hit['similarity']:.4f}  {hit['distance']:.4f}  {hit['image']}")
 
 
+@app.command("finetune")
+def finetune_command(
+    goods: Annotated[list[str], typer.Argument(help="Good images: files, folders (recursive) or globs.")],
+    out: Annotated[Path, typer.Option("--out", help="The head file to write (.safetensors).")],
+    defects: Annotated[Optional[list[str]], typer.Option(help="Labelled defective images (repeatable), each with "
+                                                              "a mask: MVTec's ground_truth/<defect>/<stem>_mask.png "
+                                                              "or <stem>_mask.png beside it.")] = None,
+    loss: Annotated[str, typer.Option(help="triplet (batch-hard) or softmax (normalised softmax, good vs "
+                                           "defect cells).")] = "triplet",
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 200,
+    batch: Annotated[int, typer.Option(help="Good crops per step (each with a shifted twin and a defective copy).")] = 8,
+    crop: Annotated[int, typer.Option(help="Crop side in pixels at the index's scale, a multiple of 32.")] = 128,
+    margin: Annotated[float, typer.Option(help="Triplet margin, in units of the typical good-to-good distance.")] = 0.5,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Random seed: the same inputs and seed give the same file.")] = 0,
+    backbone: BackboneOpt = None,
+    weights: Annotated[Optional[str], typer.Option(help="Base backbone weights file (default: the embedded "
+                                                        "ones).")] = None,
+    scale: ScaleOpt = None,
+    short_side: ShortSideOpt = None,
+    as_json: JsonFlag = False,
+):
+    """Fine-tune a projection head on good images (off by default; see README). Use it with
+    `simsearch index add GOOD... --weights OUT` on a new index."""
+    from rich.progress import Progress as RichProgress
+
+    from .finetune import FinetuneSettings, finetune_files
+
+    embedder = {k: v for k, v in dict(scale=scale, short_side=short_side).items() if v is not None}
+    with user_errors():
+        settings = FinetuneSettings(loss=loss, steps=steps, batch=batch, crop=crop, margin=margin, lr=lr, seed=seed)
+        with RichProgress(TextColumn("fine-tuning"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=err, transient=True,
+                          disable=not err.is_terminal) as bar:
+            task = bar.add_task("fine-tuning", total=steps, loss="-")
+            info, trained = finetune_files(
+                goods, out, defects=defects or (), settings=settings, backbone=backbone, weights=weights,
+                progress=lambda done, total, value: bar.update(task, completed=done, loss=f"{value:.4f}"),
+                **embedder)
+    tail = trained.losses[-max(1, len(trained.losses) // 10):]
+    record = {"out": str(out), "sha256": info.sha256, "loss": loss, "steps": steps, "seed": seed,
+              "seconds": round(trained.seconds, 2), "first_loss": trained.losses[0],
+              "final_loss_mean": float(sum(tail) / len(tail)), "images": info.training["images"],
+              "real_defect_images": info.training["real_defect_images"], "base_fingerprint": info.base_fingerprint,
+              "defects_seen": trained.kinds_seen}
+    if as_json:
+        emit_json(record)
+        return
+    out.print(f"wrote {out}: {loss} head on {record['images']} good images"
+              + (f" and {record['real_defect_images']} labelled defective ones" if record["real_defect_images"] else "")
+              + f", {steps} steps in {record['seconds']:.1f} s; loss {record['first_loss']:.4f} at the first step, "
+                f"{record['final_loss_mean']:.4f} over the last {len(tail)}")
+    out.print(f"use it on a new index: simsearch index add GOOD... --weights {out} --index NEW_DIR")
+
+
 @app.command("eval")
 def eval_command(
     dataset: Annotated[Path, typer.Argument(help="MVTec-layout folder (or one category folder).")],
@@ -299,6 +355,11 @@ def eval_command(
     coreset: Annotated[Optional[float], typer.Option(help="Keep this fraction of train/good's patch vectors "
                                                       "(greedy k-center coreset).")] = None,
     workdir: Annotated[Optional[Path], typer.Option(help="Where the temporary indexes go.")] = None,
+    finetune: Annotated[bool, typer.Option("--finetune", help="Fine-tune a head on each category's train/good "
+                                                             "(never on test images) and evaluate with it.")] = False,
+    finetune_loss: Annotated[str, typer.Option(help="With --finetune: triplet or softmax.")] = "triplet",
+    finetune_steps: Annotated[int, typer.Option(help="With --finetune: training steps.")] = 200,
+    finetune_seed: Annotated[int, typer.Option(help="With --finetune: random seed.")] = 0,
     as_json: JsonFlag = False,
 ):
     """Measure accuracy on labelled data: a fresh index per category from train/good, every test image scored."""
@@ -308,6 +369,14 @@ def eval_command(
 
     if method not in METHODS:
         fail(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    tuning = None
+    if finetune:
+        if method != "patchcore":
+            fail(f"--finetune applies to the engine (patchcore), not to {method}")
+        from .finetune import FinetuneSettings
+        with user_errors():
+            tuning = FinetuneSettings(loss=finetune_loss, steps=finetune_steps, seed=finetune_seed)
+    label = method if tuning is None else f"{method}, fine-tuned: {tuning.loss}, {tuning.steps} steps"
     settings = {k: v for k, v in dict(scale=scale, short_side=short_side, tile_size=tile_size,
                                       backbone=backbone, index_kind=index_kind, nprobe=nprobe).items()
                 if v is not None}
@@ -324,7 +393,7 @@ def eval_command(
                       highlight=False)
             with staged_progress(f"{name} ") as update:
                 result = evaluate_category(cat, method=method, settings=settings, folds=folds, target_fpr=target_fpr,
-                                           workdir=workdir, progress=update, coreset=coreset)
+                                           workdir=workdir, progress=update, finetune=tuning, coreset=coreset)
             results.append(result)
             if as_json:
                 emit_json(result.to_dict())
@@ -333,13 +402,14 @@ def eval_command(
                                           if k != "category"), highlight=False)
     mean = mean_row(results)
     if as_json:
-        emit_json({"category": "mean", "method": method, **mean})
+        emit_json({"category": "mean", "method": method, "finetune": None if tuning is None else
+                   {"loss": tuning.loss, "steps": tuning.steps, "seed": tuning.seed}, **mean})
     else:
-        out.print(f"simsearch eval: {dataset} ({method})")
+        out.print(f"simsearch eval: {dataset} ({label})")
         for line in markdown_table(eval_table_rows(results, mean)):
             out.print(line, markup=False)
     if report is not None:
-        written = write_eval_report(results, mean, report, title=f"simsearch eval: {dataset} ({method})")
+        written = write_eval_report(results, mean, report, title=f"simsearch eval: {dataset} ({label})")
         err.print(f"report: {written}", highlight=False)
 
 

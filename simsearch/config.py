@@ -18,7 +18,8 @@ PIPELINE_VERSION = 1
 DEFAULT_BACKBONE = "tf_efficientnet_lite1"
 
 # Field -> value meaning "what the code did before this field existed".
-LEGACY_DEFAULTS: dict[str, object] = {"short_side": None, "image_top_k": 1, "sparse_discount": 0.0}
+LEGACY_DEFAULTS: dict[str, object] = {"short_side": None, "image_top_k": 1, "sparse_discount": 0.0, "head": "",
+                                      "head_sha256": ""}
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class IndexConfig:
     # "none" (random init: tests only) or a file name inside the index's weights/ folder.
     weights: str = "embedded"
     weights_sha256: str = ""
+    # A fine-tuned projection head applied to the patch vectors (simsearch/finetune.py): its file name inside
+    # the index's weights/ folder and the hash of its tensors; "" for the frozen embedder.
+    head: str = ""
+    head_sha256: str = ""
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"
@@ -101,7 +106,8 @@ class IndexConfig:
     def embedder_fields(self) -> dict:
         """The settings that decide the vectors (the fingerprint's content)."""
         d = self.to_dict()
-        for key in ("index_kind", "nprobe", "k_neighbours", "image_top_k", "sparse_discount", "blur_sigma", "extra", "weights"):
+        for key in ("index_kind", "nprobe", "k_neighbours", "image_top_k", "sparse_discount", "blur_sigma", "extra", "weights",
+                    "head"):  # file names: their content is named by the hashes
             d.pop(key)
         # A field left at its legacy value is omitted, so fingerprints made before it existed still match.
         for key, legacy in LEGACY_DEFAULTS.items():

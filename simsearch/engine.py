@@ -30,6 +30,7 @@ from .calibration import f1_best_threshold, threshold_for_fpr
 from .config import DEFAULT_BACKBONE, IndexConfig
 from .coreset import select_coreset_blocks
 from .features import Embedder, PatchGrid
+from .finetune import check_base, is_head_file, load_head, read_head_info
 from .images import Image, ImageError, decode, expand_paths, load_image, read_ahead
 from .runtime import configure_threads
 from .scoring import (discounted_image_score, find_regions, patch_scores, region_level,
@@ -153,16 +154,15 @@ class Engine:
     def exists(cls, directory: str | os.PathLike) -> bool:
         return (Path(directory) / cls.DB).is_file()
 
-    @classmethod
-    def create(cls, directory: str | os.PathLike, *, backbone: str = DEFAULT_BACKBONE, weights: str | None = None,
-               **settings) -> "Engine":
-        """A new, empty index. `weights`: None (embedded if shipped, else the hub), "hub", or a file.
+    @staticmethod
+    def base_embedder(backbone: str | None = None, weights: str | None = None,
+                      **settings) -> tuple[IndexConfig, Backbone, Path | None]:
+        """The frozen embedder these options name, built but written nowhere: (configuration, network,
+        weights file or None). The configuration's `weights` is "embedded", "hub" or "file".
 
-        `settings`: any IndexConfig field (scale, tile_size, tile_stride, dims, neighbourhood, index_kind, ...).
+        `weights`: None (embedded if shipped, else the hub), "embedded", "hub", or a backbone weights file.
         """
-        directory = Path(directory)
-        if cls.exists(directory):
-            raise SimsearchError(f"{directory} already holds an index; open it, or choose another --index")
+        backbone = backbone or DEFAULT_BACKBONE
         weights_file = None
         if weights is None:
             source = "embedded" if backbone in EMBEDDED else "hub"
@@ -177,20 +177,68 @@ class Engine:
             settings["short_side"] = None  # a fixed scale replaces the default short side
         layers = tuple(settings.pop("layers", None) or layers_for_strides(backbone, (8, 16)))
         net = build_backbone(backbone, source, layers, weights_file)
-        directory.mkdir(parents=True, exist_ok=True)
-        if weights_file is not None:
-            # Copy the weights in, named by their hash, so the index directory is self-contained.
-            (directory / "weights").mkdir(exist_ok=True)
-            stored = Path("weights") / f"{file_sha256(weights_file)[:16]}{weights_file.suffix}"
-            if not (directory / stored).exists():
-                tmp = directory / (str(stored) + ".tmp")
-                shutil.copyfile(weights_file, tmp)
-                os.replace(tmp, directory / stored)
-            source = str(stored)
         config = IndexConfig(backbone=backbone, weights=source, weights_sha256=net.weights_sha256,
                              mean=net.mean, std=net.std, interpolation=net.interpolation, layers=layers,
                              patch_stride=net.reductions[0], **settings)
-        config = config.replace(feature_dim=config.dims or sum(net.channels))
+        return config.replace(feature_dim=config.dims or sum(net.channels)), net, weights_file
+
+    @staticmethod
+    def _store_file(directory: Path, source: Path, stored: Path) -> None:
+        """Copy `source` to `directory / stored` (written under a temporary name, then renamed)."""
+        (directory / stored).parent.mkdir(exist_ok=True)
+        if not (directory / stored).exists():
+            tmp = directory / (str(stored) + ".tmp")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, directory / stored)
+
+    @classmethod
+    def create(cls, directory: str | os.PathLike, *, backbone: str | None = None, weights: str | None = None,
+               head: str | os.PathLike | None = None, **settings) -> "Engine":
+        """A new, empty index. `weights`: None (embedded if shipped, else the hub), "hub", or a file.
+
+        `head`: a fine-tuned projection head (`simsearch finetune`). A `weights` file whose safetensors
+        metadata marks it as a head is taken as `head`, its base backbone weights then being the embedded
+        (or hub) ones it was trained on. Settings not given are the head's base ones; given ones that
+        differ from them are refused.
+        `settings`: any IndexConfig field (scale, tile_size, tile_stride, dims, neighbourhood, index_kind, ...).
+        """
+        directory = Path(directory)
+        if cls.exists(directory):
+            raise SimsearchError(f"{directory} already holds an index; open it, or choose another --index")
+        if weights not in (None, "embedded", "hub") and is_head_file(weights):
+            if head is not None:
+                raise SimsearchError(f"{weights} is a fine-tuned head, and a head was given too; give one")
+            head, weights = weights, None
+        head_module = head_info = None
+        if head is not None:
+            head_module, head_info = load_head(head)
+            base = head_info.base
+            if backbone is not None and backbone != base["backbone"]:
+                raise EmbedderMismatch(f"{head} was fine-tuned on {base['backbone']}, not {backbone}")
+            backbone = base["backbone"]
+            if weights is None:
+                if head_info.base_weights == "file":
+                    raise SimsearchError(f"{head} was fine-tuned on a backbone weights file: give that file too "
+                                         "(Python: Engine.create(..., weights=FILE, head=HEAD))")
+                weights = head_info.base_weights
+            if settings.get("scale") is None and settings.get("short_side") is None:
+                settings["short_side"], settings["scale"] = base["short_side"], base["scale"]
+            for key in ("layers", "neighbourhood", "dims"):
+                if settings.get(key) is None:
+                    settings[key] = tuple(base[key]) if key == "layers" else base[key]
+        config, net, weights_file = cls.base_embedder(backbone, weights, **settings)
+        if head_info is not None:
+            check_base(head_info, config, "this index")
+        directory.mkdir(parents=True, exist_ok=True)
+        if weights_file is not None:
+            # Copy the weights in, named by their hash, so the index directory is self-contained.
+            stored = Path("weights") / f"{file_sha256(weights_file)[:16]}{weights_file.suffix}"
+            cls._store_file(directory, weights_file, stored)
+            config = config.replace(weights=str(stored))
+        if head_module is not None:
+            stored = Path("weights") / f"head-{head_info.sha256[:16]}.safetensors"
+            cls._store_file(directory, Path(head), stored)
+            config = config.replace(head=str(stored), head_sha256=head_info.sha256, feature_dim=head_module.out_dim)
         # Written under a temporary name and renamed: an index either exists with its configuration or not at all.
         tmp_db = directory / (cls.DB + ".creating")
         for suffix in ("", "-wal", "-shm"):
@@ -200,7 +248,7 @@ class Engine:
         os.replace(tmp_db, directory / cls.DB)
         fsync_directory(directory)
         engine = cls(directory, Catalog(directory / cls.DB), config)
-        engine._embedder = Embedder(config, net)
+        engine._embedder = Embedder(config, net, head_module)
         configure_threads()
         return engine
 
@@ -248,11 +296,22 @@ class Engine:
             with contextlib.suppress(OSError):
                 directory.rmdir()  # only if empty
 
-    def check_options(self, backbone: str | None = None, weights: str | None = None, **settings) -> None:
-        """Refuse an embedder other than the index's own."""
+    def check_options(self, backbone: str | None = None, weights: str | None = None,
+                      head: str | os.PathLike | None = None, **settings) -> None:
+        """Refuse an embedder other than the index's own (a fine-tuned head and the frozen embedder included)."""
         differences = []
         if backbone is not None and backbone != self.config.backbone:
             differences.append(f"backbone {backbone} (index: {self.config.backbone})")
+        if weights not in (None, "embedded", "hub") and is_head_file(weights):
+            head, weights = weights, None
+        if head is not None:
+            info = read_head_info(head)
+            if not self.config.head_sha256:
+                differences.append(f"fine-tuned head {head} (index: the frozen embedder)")
+            elif info.sha256 != self.config.head_sha256:
+                differences.append(f"head {head} (a different head from the index's)")
+        elif weights is not None and self.config.head_sha256:
+            differences.append(f"weights {weights} without a head (index: fine-tuned, head {self.config.head})")
         if weights is not None:
             if weights in ("embedded", "hub"):
                 if weights != self.config.weights:
@@ -290,7 +349,16 @@ class Engine:
             if net.weights_sha256 != cfg.weights_sha256:
                 raise EmbedderMismatch(f"the {cfg.backbone} weights found here differ from the ones this index was "
                                        f"built with (hash {net.weights_sha256[:12]} vs {cfg.weights_sha256[:12]})")
-            self._embedder = Embedder(cfg, net)
+            head = None
+            if cfg.head:
+                head_file = self.directory / cfg.head
+                if not head_file.is_file():
+                    raise SimsearchError(f"{head_file}: the index's fine-tuned head file is missing")
+                head, _info = load_head(head_file)
+                if head.sha256() != cfg.head_sha256:
+                    raise EmbedderMismatch(f"{head_file} is not the head this index was built with (hash "
+                                           f"{head.sha256()[:12]} vs {cfg.head_sha256[:12]})")
+            self._embedder = Embedder(cfg, net, head)
             configure_threads()
         return self._embedder
 

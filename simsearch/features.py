@@ -112,14 +112,26 @@ class _Pending:
 
 
 class Embedder:
-    """Applies one index configuration: image(s) -> PatchGrid(s)."""
+    """Applies one index configuration: image(s) -> PatchGrid(s).
 
-    def __init__(self, config: IndexConfig, backbone: Backbone):
+    `head`: the fine-tuned projection head (simsearch/finetune.py) the configuration names, applied to
+    every patch vector after `patch_features`, so adding, querying, calibrating and evaluating all see
+    the same space. The caller checks that it is the configuration's head (Engine.embedder does).
+    """
+
+    def __init__(self, config: IndexConfig, backbone: Backbone, head: torch.nn.Module | None = None):
         if backbone.reductions[0] != config.patch_stride:
             raise ValueError(f"layer {config.layers[0]} has stride {backbone.reductions[0]}, "
                              f"configuration says {config.patch_stride}")
+        if bool(config.head_sha256) != (head is not None):
+            raise ValueError("the configuration names a fine-tuned head, none was given" if head is None else
+                             "a fine-tuned head was given for a configuration of the frozen embedder")
+        base_dim = config.dims or sum(backbone.channels)
+        if head is not None and head.in_dim != base_dim:
+            raise ValueError(f"the head takes {head.in_dim}-dim vectors, the backbone gives {base_dim}")
         self.config = config
         self.backbone = backbone
+        self.head = head.eval() if head is not None else None
         self._mean = torch.tensor(config.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(config.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         # Weights in channels_last too (the inputs are): oneDNN then needs no layout reorder per call.
@@ -127,7 +139,7 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return self.config.dims or sum(self.backbone.channels)
+        return self.head.out_dim if self.head is not None else self.config.dims or sum(self.backbone.channels)
 
     @torch.inference_mode()
     def _forward(self, batch: np.ndarray) -> np.ndarray:
@@ -135,7 +147,10 @@ class Embedder:
         x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
         x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
         maps = self.backbone.model(x)
-        return patch_features(list(maps), self.config.neighbourhood, self.config.dims).numpy()
+        feats = patch_features(list(maps), self.config.neighbourhood, self.config.dims)
+        if self.head is not None:
+            feats = self.head(feats)
+        return feats.numpy()
 
     def embed_tiles(self, tiles: np.ndarray) -> torch.Tensor:
         """(T, h, w, 3) uint8 RGB tiles -> (T, h/stride, w/stride, D) float32 patch vectors."""

@@ -96,3 +96,64 @@ def test_a_failed_first_add_leaves_no_index_behind(tmp_path):
     proc = simsearch("index", "add", str(bad), index=directory, check=False)
     assert proc.returncode == 1 and "bad.png" in proc.stderr
     assert not directory.exists()
+
+
+# -- simsearch finetune / eval --finetune ----------------------------------------------------------------------
+def test_finetune_writes_a_head_that_index_add_uses(tmp_path):
+    head = tmp_path / "head.safetensors"
+    goods = [str(p) for p in sorted((PIPED / "train" / "good").iterdir())[:5]]
+    proc = simsearch("finetune", *goods, "--out", str(head), "--steps", "3", "--seed", "2", "--json",
+                     index=tmp_path / "unused")
+    record = json.loads(proc.stdout)
+    assert record["out"] == str(head) and record["steps"] == 3 and record["images"] == 5
+    assert head.is_file() and not (tmp_path / "unused").exists()
+    directory = tmp_path / "ix"
+    simsearch("index", "add", *goods[:3], "--weights", str(head), index=directory)
+    info = json.loads(simsearch("index", "info", "--json", index=directory).stdout)
+    assert info["config"]["head_sha256"] == record["sha256"] and info["config"]["weights"] == "embedded"
+    # The frozen embedder is refused on a fine-tuned index (its own head is accepted: tests/test_engine.py).
+    proc = simsearch("index", "add", str(piped_test("good")[1]), "--weights", "embedded", index=directory, check=False)
+    assert proc.returncode == 1 and "without a head" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["/no/such/folder"], "no such file or folder"),
+    ([str(PIPED / "train" / "good"), "--loss", "hinge"], "loss must be one of"),
+    ([str(PIPED / "train" / "good"), "--defects", str(PIPED / "train" / "good")], "have no mask"),
+])
+def test_finetune_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "out" / "head.safetensors"
+    out.parent.mkdir()
+    proc = simsearch("finetune", *args, "--out", str(out), "--steps", "2", index=tmp_path / "ix", check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert list(out.parent.iterdir()) == []
+
+
+def tiny_category(root: Path) -> Path:
+    """An MVTec-layout slice of PA_BDP01_TL made of symlinks (the data is read in place, never copied)."""
+    category = root / "PA_BDP01_TL"
+    picks = {"train/good": sorted((PIPED / "train" / "good").iterdir())[:8],
+             "test/good": piped_test("good")[:2], "test/impurity": piped_test("impurity")[:3]}
+    for folder, files in picks.items():
+        (category / folder).mkdir(parents=True)
+        for f in files:
+            (category / folder / f.name).symlink_to(f)
+    (category / "ground_truth" / "impurity").mkdir(parents=True)
+    for f in picks["test/impurity"]:
+        mask = PIPED / "ground_truth" / "impurity" / f"{f.stem}_mask.png"
+        (category / "ground_truth" / "impurity" / mask.name).symlink_to(mask)
+    return root
+
+
+def test_eval_finetune_runs_end_to_end_on_a_tiny_real_subset(tmp_path):
+    root = tiny_category(tmp_path / "data")
+    proc = simsearch("eval", str(root), "--finetune", "--finetune-steps", "3", "--finetune-loss", "softmax",
+                     "--folds", "2", "--json", index=tmp_path / "unused")
+    category, mean = (json.loads(line) for line in proc.stdout.splitlines())
+    assert category["category"] == "PA_BDP01_TL" and category["n_test_defect"] == 3
+    assert category["finetune"]["loss"] == "softmax" and category["finetune"]["steps"] == 3
+    assert category["finetune"]["images"] == 8  # trained on train/good only
+    assert "finetune" in category["seconds"]
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= category[key] <= 1.0
+    assert mean["finetune"] == {"loss": "softmax", "steps": 3, "seed": 0}

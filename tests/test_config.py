@@ -127,3 +127,14 @@ def test_short_side_sets_each_images_scale():
         IndexConfig(short_side=128, scale=3.0)
     with pytest.raises(ValueError, match="short side"):
         IndexConfig(short_side=16)
+
+
+def test_a_fine_tuned_head_changes_the_fingerprint_by_its_hash_not_its_file_name():
+    frozen = IndexConfig()
+    tuned = frozen.replace(head="weights/head-ab.safetensors", head_sha256="ab" * 32)
+    assert tuned.fingerprint != frozen.fingerprint
+    assert tuned.replace(head="weights/elsewhere.safetensors").fingerprint == tuned.fingerprint
+    assert tuned.replace(head_sha256="cd" * 32).fingerprint != tuned.fingerprint
+    # The frozen configuration's fields are unchanged, so fingerprints of existing indexes still match.
+    assert "head" not in frozen.embedder_fields() and "head_sha256" not in frozen.embedder_fields()
+    assert IndexConfig.from_json(tuned.to_json()) == tuned

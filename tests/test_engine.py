@@ -12,7 +12,7 @@ import pytest
 from realdata import needs_piped, piped_mask, piped_test, piped_train
 from simsearch import Engine, SimsearchError
 from simsearch.engine import EmbedderMismatch
-from simsearch.images import ImageError
+from simsearch.images import ImageError, load_image
 from simsearch.store.catalog import SchemaError
 
 pytestmark = needs_piped
@@ -380,3 +380,72 @@ def test_nprobe_setting_reaches_the_loaded_bank_and_an_auto_ivf_bank_keeps_its_k
     engine.close()
     with Engine.open(tmp_path / "default") as reopened:
         assert reopened.bank.nprobe == default_nprobe(nlist)
+
+
+# -- fine-tuned heads (simsearch finetune) ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def head_file(tmp_path_factory) -> Path:
+    from simsearch.finetune import FinetuneSettings, finetune_files
+
+    path = tmp_path_factory.mktemp("head") / "head.safetensors"
+    finetune_files([str(p) for p in piped_train()[:6]], path,
+                   settings=FinetuneSettings(steps=4, batch=2, crop=64, anchors_per_step=64))
+    return path
+
+
+def test_fine_tuned_index_has_its_own_fingerprint_and_vectors(tmp_path, head_file):
+    images = piped_train()[:4]
+    frozen = build(tmp_path / "frozen", images)
+    tuned = build(tmp_path / "tuned", images, weights=str(head_file))  # told apart from backbone weights by its metadata
+    assert tuned.config.head_sha256 and tuned.config.head.startswith("weights/head-")
+    assert (tuned.directory / tuned.config.head).is_file()
+    assert tuned.config.fingerprint != frozen.config.fingerprint
+    assert tuned.config.weights == "embedded" and tuned.config.weights_sha256 == frozen.config.weights_sha256
+    assert tuned.config.feature_dim == frozen.config.feature_dim
+    probe = str(piped_test("impurity")[0])
+    tuned_grid, frozen_grid = tuned.embedder.embed(load_image(probe)), frozen.embedder.embed(load_image(probe))
+    assert tuned_grid.features.shape == frozen_grid.features.shape
+    assert not np.allclose(tuned_grid.features, frozen_grid.features)
+    assert tuned.query(probe).fingerprint == tuned.config.fingerprint
+
+
+def test_frozen_and_fine_tuned_embedders_are_never_mixed(tmp_path, head_file):
+    images = piped_train()[:3]
+    frozen = build(tmp_path / "frozen", images)
+    tuned = build(tmp_path / "tuned", images, head=str(head_file))
+    with pytest.raises(EmbedderMismatch):
+        frozen.use_embedder(tuned.embedder)
+    with pytest.raises(EmbedderMismatch):
+        tuned.use_embedder(frozen.embedder)
+    with pytest.raises(EmbedderMismatch, match="frozen embedder"):
+        Engine.open_or_create(tmp_path / "frozen", weights=str(head_file))
+    with pytest.raises(EmbedderMismatch, match="without a head"):
+        Engine.open_or_create(tmp_path / "tuned", weights="embedded")
+    Engine.open_or_create(tmp_path / "tuned", weights=str(head_file)).close()  # its own head: fine
+
+
+def test_fine_tuned_index_is_self_contained_and_checks_its_head(tmp_path, head_file):
+    from simsearch.finetune import FinetuneSettings, finetune_files
+
+    copy = tmp_path / "head.safetensors"
+    shutil.copyfile(head_file, copy)
+    with Engine.create(tmp_path / "ix", weights=str(copy)) as engine:
+        engine.add([str(p) for p in piped_train()[:3]])
+        stored = engine.directory / engine.config.head
+    copy.unlink()
+    with Engine.open(tmp_path / "ix") as engine:
+        assert engine.query(str(piped_test("good")[0])).score >= 0
+    other = tmp_path / "other.safetensors"
+    finetune_files([str(p) for p in piped_train()[:3]], other,
+                   settings=FinetuneSettings(steps=2, batch=2, crop=64, anchors_per_step=64, seed=5))
+    shutil.copyfile(other, stored)  # a different head put in its place
+    with Engine.open(tmp_path / "ix") as engine, pytest.raises(EmbedderMismatch, match="not the head"):
+        engine.query(str(piped_test("good")[0]))
+
+
+def test_head_for_another_base_is_refused(tmp_path, head_file):
+    with pytest.raises(EmbedderMismatch, match="fine-tuned on tf_efficientnet_lite1"):
+        Engine.create(tmp_path / "a", backbone="tf_efficientnet_lite0", head=str(head_file))
+    with pytest.raises(ValueError, match="short_side 192 \\(head\\) vs 128"):
+        Engine.create(tmp_path / "b", head=str(head_file), short_side=128)
+    assert not Engine.exists(tmp_path / "a") and not Engine.exists(tmp_path / "b")

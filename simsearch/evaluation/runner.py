@@ -19,6 +19,7 @@ from sqlalchemy import select
 from ..calibration import threshold_for_fpr
 from ..scoring import discounted_image_score, patch_scores
 from ..engine import Engine
+from ..finetune import FinetuneSettings, finetune_files
 from ..store.catalog import vectors as vectors_table
 from ..store.vectors import VectorIndex, choose_kind
 from . import metrics
@@ -48,6 +49,8 @@ class CategoryResult:
     expected_fpr: float  # what the threshold rule promises with this many cross-scores
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
+    # With fine-tuning: the head's training (loss, steps, seed, final loss...); None for the frozen embedder.
+    finetune: dict | None = None
     # Kept for the report, not for JSON: (path, label, score, map) of every test image.
     cases: list = field(default_factory=list, repr=False)
 
@@ -126,10 +129,22 @@ def _score_tests(category: Category, score: Callable, progress: Progress | None)
 
 
 def _run_patchcore(category: Category, settings: dict, folds: int, workdir, progress, seconds: dict,
+                   finetune: FinetuneSettings | None = None, trained: dict | None = None,
                    coreset: float | None = None):
     with tempfile.TemporaryDirectory(prefix=f"simsearch-eval-{category.name}-", dir=workdir) as tmp:
+        head = None
+        if finetune is not None:  # the head learns from train/good only, never from a test image
+            start = time.perf_counter()
+            head = Path(tmp) / "head.safetensors"
+            info, run = finetune_files([str(p) for p in category.train], head, settings=finetune,
+                                       progress=(lambda d, t, _loss: progress("finetune", d, t)) if progress else None,
+                                       **settings)
+            seconds["finetune"] = time.perf_counter() - start
+            if trained is not None:
+                trained.update(info.training, sha256=info.sha256, train_seconds=round(run.seconds, 2),
+                               kinds_seen=run.kinds_seen)
         start = time.perf_counter()
-        engine = Engine.create(Path(tmp) / "index", **settings)
+        engine = Engine.create(Path(tmp) / "index", head=head, **settings)
         engine.add([str(p) for p in category.train], coreset=coreset,
                    progress=(lambda d, t, _m: progress("build", d, t)) if progress else None)
         seconds["build"] = time.perf_counter() - start
@@ -174,14 +189,18 @@ def _run_detector(make: Callable, category: Category, folds: int, progress, seco
 
 def evaluate_category(category: Category, *, method: str = "patchcore", settings: dict | None = None,
                       folds: int = 5, target_fpr: float = 0.01, workdir: str | Path | None = None,
-                      progress: Progress | None = None, coreset: float | None = None) -> CategoryResult:
-    """One method on one category. `settings`: IndexConfig overrides for the engine's fresh index; `coreset`:
-    the engine keeps that fraction of train/good's patch vectors (`Engine.add`)."""
+                      progress: Progress | None = None, finetune: FinetuneSettings | None = None,
+                      coreset: float | None = None) -> CategoryResult:
+    """One method on one category. `settings`: IndexConfig overrides for the engine's fresh index.
+    `finetune`: train a projection head on the category's train/good first and build the index with it.
+    `coreset`: the engine keeps that fraction of train/good's patch vectors (`Engine.add`)."""
     seconds: dict[str, float] = {}
-    if coreset is not None and method != "patchcore":
-        raise ValueError(f"a coreset applies to the engine (patchcore), not to {method}")
+    trained: dict = {}
+    if (finetune is not None or coreset is not None) and method != "patchcore":
+        raise ValueError(f"fine-tuning and a coreset apply to the engine (patchcore), not to {method!r}")
     if method == "patchcore":
-        train_scores, tests = _run_patchcore(category, settings or {}, folds, workdir, progress, seconds, coreset)
+        train_scores, tests = _run_patchcore(category, settings or {}, folds, workdir, progress, seconds,
+                                             finetune, trained, coreset)
     elif method in BASELINES:
         train_scores, tests = _run_detector(BASELINES[method], category, folds, progress, seconds)
     else:
@@ -204,7 +223,8 @@ def evaluate_category(category: Category, *, method: str = "patchcore", settings
         threshold=choice.threshold, f1_at_threshold=at["f1"],
         best_f1=metrics.best_f1(labels, scores)[0] if 0 < labels.sum() < len(labels) else None,
         fpr_good=at["fpr_good"], target_fpr=target_fpr, expected_fpr=choice.expected_fpr,
-        cases=[(str(sample.path), sample.label, score, amap) for sample, score, amap in tests])
+        cases=[(str(sample.path), sample.label, score, amap) for sample, score, amap in tests],
+        finetune=trained or None)
     seconds["metrics"] = time.perf_counter() - start
     result.seconds = {k: round(v, 2) for k, v in seconds.items()}
     result.peak_rss_mib = round(peak_rss_mib(), 1)
