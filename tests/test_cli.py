@@ -98,6 +98,19 @@ def test_a_failed_first_add_leaves_no_index_behind(tmp_path):
     assert not directory.exists()
 
 
+def test_index_kind_and_nprobe_are_fixed_at_creation_and_bad_values_refused(tmp_path):
+    directory = tmp_path / "ix"
+    simsearch("index", "add", *map(str, sorted((PIPED / "train" / "good").iterdir())[:2]), "--index-kind", "ivf-flat",
+              "--nprobe", "5", index=directory)
+    info = json.loads(simsearch("index", "info", "--json", index=directory).stdout)
+    assert info["bank_kind"] == "ivf-flat" and info["nprobe"] == 5
+    for option, value, message in (("--nprobe", "0", "nprobe must be >= 1"),
+                                   ("--index-kind", "hnsw", "index kind must be one of")):
+        proc = subprocess.run([sys.executable, "-m", "simsearch.cli", "eval", str(PIPED), option, value],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
 # -- simsearch finetune / eval --finetune ----------------------------------------------------------------------
 def test_finetune_writes_a_head_that_index_add_uses(tmp_path):
     head = tmp_path / "head.safetensors"
