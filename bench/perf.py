@@ -6,8 +6,9 @@
 
 Every step runs in a subprocess of its own (so its peak RSS is its own) and caches its result as
 JSON under bench/.cache/perf/<step>.json; a cached step is skipped, so an interrupted run resumes.
-Real patch vectors come from magnetic_tile train/good at native scale (the `build-after` index,
-exported once as float16 .npy); query patches from every 20th magnetic_tile test image.
+Real patch vectors (tiers, latency, coreset) come from the `export` step: magnetic_tile train/good at the
+defaults, as is and mirrored both ways, float16 .npy; query patches from every 20th magnetic_tile test image.
+(Results of the earlier native-scale export are kept in bench/.cache/perf/native-scale/.)
 
 Steps:
 - forward-batch: the backbone alone, ms per tile at batch sizes 1-16 for 256 and 192 px tiles, with
@@ -19,18 +20,22 @@ Steps:
 - build-before / build-after: `Engine.create` + `add` of magnetic_tile train/good (ivf-flat), the
   code before the speed work (BEFORE_REV, exported once to bench/.cache/perf/before-src) against the working tree:
   seconds and peak RSS.
-- export: the bank's vectors (float16) and query patches.
+- export: real vectors at the defaults (IndexConfig()) and query patches.
 - tier-10k / tier-100k / tier-1m: per index kind on that many real vectors: build seconds, bytes per
   vector (the index's own), file size, recall@1 against exact and search time at several nprobe.
 - latency-10k / latency-100k / latency-1m: query latency per image (warm, 2 threads, one image at a
-  time, decoded image to result with its map) against the backbone forward alone on the same tiles,
-  interleaved image by image.
+  time, decoded image to result with its map; an index at the defaults with the tier's vectors as its bank)
+  against the backbone forward alone on the same tiles, interleaved image by image.
 - wait-policy: query latency on the 1m bank with OMP_WAIT_POLICY=PASSIVE against libgomp's default,
   alternating subprocesses.
 - coreset: simsearch's greedy k-center against anomalib's KCenterGreedy (bench/kcenter_anomalib.py in
   bench/.venv-anomalib) on the same 100k real vectors, ratios 0.01 and 0.1.
-- auroc: image AUROC with exact search against each approximate kind (default nprobe): magnetic_tile
-  (bank from every 4th train image, every 6th test image) and two PIPED categories (all images).
+- auroc: image AUROC (the engine's image score) with exact search against each approximate kind at its default
+  nprobe: magnetic_tile (bank from every 2nd train image, every 3rd test image) and all 12 PIPED categories.
+- build-vs-anomalib: Engine.create + add at the defaults (and with --coreset 0.01) against anomalib PatchCore's
+  fit (same weights, coreset 0.01) on every 4th magnetic_tile train/good image, in one run.
+- tier-10m: the auto kind on 10M synthetic vectors, built and saved block by block (resumable); recall@1 and
+  search time of 1,000 queries.
 """
 from __future__ import annotations
 
