@@ -486,9 +486,10 @@ def check_base(info: HeadInfo, config: IndexConfig, what: str = "the index") -> 
 def find_mask(image: str | os.PathLike) -> Path | None:
     """The defect mask of a labelled image: MVTec's `<cat>/ground_truth/<defect>/<stem>_mask.png` for
     `<cat>/test/<defect>/<name>`, or `<stem>_mask.png` beside the image."""
+    from .evaluation.datasets import mvtec_mask_path
+
     image = Path(image)
-    for candidate in (image.parent.parent.parent / "ground_truth" / image.parent.name / f"{image.stem}_mask.png",
-                      image.with_name(f"{image.stem}_mask.png")):
+    for candidate in (mvtec_mask_path(image), image.with_name(f"{image.stem}_mask.png")):
         if candidate.is_file():
             return candidate
     return None

@@ -53,6 +53,13 @@ def category_names(root: str | Path) -> list[str]:
     return names
 
 
+def mvtec_mask_path(image: str | Path) -> Path:
+    """Where the MVTec layout keeps the mask of `<category>/test/<defect>/<name>`:
+    `<category>/ground_truth/<defect>/<stem>_mask.png` (the file may not exist)."""
+    image = Path(image)
+    return image.parent.parent.parent / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
+
+
 def load_category(root: str | Path, name: str) -> Category:
     root = Path(root)
     folder = root if (root / "train" / "good").is_dir() and root.name == name else root / name
@@ -67,7 +74,7 @@ def load_category(root: str | Path, name: str) -> Category:
             if kind == "good":
                 test.append(Sample(image, 0, kind, None))
                 continue
-            mask = folder / "ground_truth" / kind / f"{image.stem}_mask.png"
+            mask = mvtec_mask_path(image)
             test.append(Sample(image, 1, kind, mask if mask.is_file() else None))
     return Category(name=name, root=folder, train=_images(folder / "train" / "good"), test=test)
 

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from ..calibration import threshold_for_fpr
 from ..scoring import discounted_image_score, patch_scores
 from ..engine import Engine
+from ..images import load_image
 from ..finetune import FinetuneSettings, finetune_files
 from ..store.catalog import vectors as vectors_table
 from ..store.vectors import VectorIndex, choose_kind
@@ -82,7 +83,6 @@ def _per_image_vectors(engine: Engine) -> dict[int, np.ndarray]:
 def _full_patches(engine: Engine, image_ids: list[int]) -> dict[int, np.ndarray]:
     """image id -> (n, D) patch vectors of the whole image, embedded again from its file (a coreset bank keeps
     only some of them, and a held-out image must be scored on all its patches, as a query is)."""
-    from ..images import load_image
     paths = {r["id"]: r["path"] for r in engine.catalog.images("reference")}
     grids = engine.embedder.embed_many(load_image(paths[i]) for i in image_ids)
     return {i: g.features.reshape(-1, g.features.shape[-1]) for i, g in zip(image_ids, grids)}
