@@ -22,7 +22,7 @@ Steps:
   seconds and peak RSS.
 - export: real vectors at the defaults (IndexConfig()) and query patches.
 - tier-10k / tier-100k / tier-1m: per index kind on that many real vectors: build seconds, bytes per
-  vector (the index's own), file size, recall@1 against exact and search time at several nprobe.
+  vector (the index's own), file size, recall@1 against exact and search time at several nprobe (hnsw: efSearch).
 - latency-10k / latency-100k / latency-1m: query latency per image (warm, 2 threads, one image at a
   time, decoded image to result with its map; an index at the defaults with the tier's vectors as its bank)
   against the backbone forward alone on the same tiles, interleaved image by image.
@@ -31,7 +31,7 @@ Steps:
 - coreset: simsearch's greedy k-center against anomalib's KCenterGreedy (bench/kcenter_anomalib.py in
   bench/.venv-anomalib) on the same 100k real vectors, ratios 0.01 and 0.1.
 - auroc: image AUROC (the engine's image score) with exact search against each approximate kind at its default
-  nprobe: magnetic_tile (bank from every 2nd train image, every 3rd test image) and all 12 PIPED categories.
+  search breadth: magnetic_tile (bank from every 2nd train image, every 3rd test image) and all 12 PIPED categories.
 - build-vs-anomalib: Engine.create + add at the defaults (and with --coreset 0.01) against anomalib PatchCore's
   fit (same weights, coreset 0.01) on every 4th magnetic_tile train/good image, in one run.
 - tier-10m: the auto kind on 10M synthetic vectors, built and saved block by block (resumable); recall@1 and
@@ -58,8 +58,9 @@ MTD = DATA / "magnetic_tile" / "magnetic_tile"
 CACHE = ROOT / "bench" / ".cache" / "perf"
 ANOMALIB_PY = ROOT / "bench" / ".venv-anomalib" / "bin" / "python"
 TIERS = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
-KINDS = ("flat", "ivf-flat", "ivf-sq8", "ivf-pq")
-NPROBES = (8, 16, 32, 64)
+KINDS = ("flat", "ivf-flat", "ivf-sq8", "ivf-pq", "hnsw")
+NPROBES = (8, 16, 32, 64)  # IVF lists searched per query
+EF_SEARCHES = (32, 64, 128, 256)  # hnsw's search breadth (efSearch)
 # Both builds get the same explicit embedder, whatever config.py's defaults are at the time.
 BUILD_SETTINGS = dict(scale=1.0, short_side=None, tile_size=256, tile_stride=192, neighbourhood=3,
                       index_kind="ivf-flat")
@@ -262,7 +263,7 @@ def step_tier(tier: str) -> dict:
             index.save(Path(tmp) / "bank.faiss")
             row["file_bytes"] = (Path(tmp) / "bank.faiss").stat().st_size
         row["file_bytes_per_vector"] = row["file_bytes"] / len(vectors)
-        probes = [None] if kind == "flat" else NPROBES
+        probes = {"flat": [None], "hnsw": EF_SEARCHES}.get(kind, NPROBES)
         row["search"] = {}
         for nprobe in probes:
             if nprobe:
@@ -276,7 +277,7 @@ def step_tier(tier: str) -> dict:
                    "recall_at_1": float((i[:, 0] == exact_i).mean()),
                    "mean_distance_excess": float((d[:, 0] - exact_d).mean() / exact_d.mean())}
             row["search"][str(nprobe or "exact")] = rec
-        if kind != "flat":
+        if index._ivf is not None:
             row["nlist"] = int(index._ivf.nlist)
         out["kinds"][kind] = row
         del index
@@ -411,7 +412,7 @@ def step_auroc() -> dict:
             if kind == "flat":
                 exact_ids = i[:, 0]
             row["kinds"][kind] = {"image_auroc": image_auroc(labels, np.asarray(scores)), "nprobe": index.nprobe,
-                                  "nlist": None if kind == "flat" else int(index._ivf.nlist),
+                                  "nlist": None if index._ivf is None else int(index._ivf.nlist),
                                   "recall_at_1": float((i[:, 0] == exact_ids).mean()), "search_s": search_s}
         exact = row["kinds"]["flat"]["image_auroc"]
         for kind in KINDS[1:]:

@@ -40,9 +40,12 @@ ShortSideOpt = Annotated[Optional[int], typer.Option(help="Resize each image so 
                                                       "pixels (default 192).")]
 TileSizeOpt = Annotated[Optional[int], typer.Option(help="Tile side in pixels, a multiple of 32 (default 256).")]
 IndexKindOpt = Annotated[Optional[str], typer.Option(help="auto (exact below 200,000 patch vectors, then ivf-sq8), "
-                                                      "flat, ivf-flat, ivf-sq8 or ivf-pq.")]
-NprobeOpt = Annotated[Optional[int], typer.Option(help="IVF lists searched per patch (default: 2 x the square root "
-                                                  "of the number of lists, at least 32).")]
+                                                      "flat, ivf-flat, ivf-sq8, ivf-pq or hnsw (the fastest queries "
+                                                      "on a large bank; more memory than flat, slow to build and "
+                                                      "to remove from).")]
+NprobeOpt = Annotated[Optional[int], typer.Option(help="How widely an approximate bank searches: IVF lists per patch "
+                                                  "(default: 2 x the square root of the number of lists, at least "
+                                                  "32), or hnsw's efSearch (default 128).")]
 USER_ERRORS = (SimsearchError, ImageError, BackboneError, SchemaError, ValueError)
 
 

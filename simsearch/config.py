@@ -57,7 +57,9 @@ class IndexConfig:
     pipeline_version: int = PIPELINE_VERSION
     # Search and scoring settings: they do not change vectors, so they are not in the fingerprint.
     index_kind: str = "auto"  # "auto" (exact while small, IVF when large) or a kind in store.vectors.KINDS
-    nprobe: int | None = None  # IVF lists searched per patch; None: store.vectors.default_nprobe of the bank's lists
+    # How widely an approximate bank searches: IVF lists per patch or hnsw's efSearch;
+    # None: store.vectors.default_search_breadth of the bank.
+    nprobe: int | None = None
     k_neighbours: int = 1
     image_top_k: int = 16  # the image score is the mean of this many highest patch scores...
     # ...each discounted by (typical spread / its nearest reference's spread) ** this, where the bank is sparser

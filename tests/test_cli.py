@@ -104,8 +104,13 @@ def test_index_kind_and_nprobe_are_fixed_at_creation_and_bad_values_refused(tmp_
               "--nprobe", "5", index=directory)
     info = json.loads(simsearch("index", "info", "--json", index=directory).stdout)
     assert info["bank_kind"] == "ivf-flat" and info["nprobe"] == 5
+    graph = tmp_path / "graph"  # for hnsw the same option sets efSearch
+    simsearch("index", "add", *map(str, sorted((PIPED / "train" / "good").iterdir())[:2]), "--index-kind", "hnsw",
+              "--nprobe", "40", index=graph)
+    info = json.loads(simsearch("index", "info", "--json", index=graph).stdout)
+    assert info["bank_kind"] == "hnsw" and info["nprobe"] == 40
     for option, value, message in (("--nprobe", "0", "nprobe must be >= 1"),
-                                   ("--index-kind", "hnsw", "index kind must be one of")):
+                                   ("--index-kind", "annoy", "index kind must be one of")):
         proc = subprocess.run([sys.executable, "-m", "simsearch.cli", "eval", str(PIPED), option, value],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -80,7 +80,7 @@ def test_embedder_fields():
     {"neighbourhood": 0},
     {"neighbourhood": 2},
     {"dims": 0},
-    {"index_kind": "hnsw"},
+    {"index_kind": "annoy"},
     {"nprobe": 0},
     {"k_neighbours": 0},
 ])

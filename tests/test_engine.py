@@ -234,15 +234,32 @@ def test_weights_file_is_copied_and_fingerprint_is_the_embedded_one(tmp_path):
         assert moved.query(str(piped_test("good")[0])).score > 0
 
 
-def test_ivf_index_kind_gives_close_scores(tmp_path):
+@pytest.mark.parametrize("kind", ["ivf-flat", "hnsw"])
+def test_approximate_index_kinds_give_close_scores(tmp_path, kind):
     exact = build(tmp_path / "flat", piped_train())
-    approx = build(tmp_path / "ivf", piped_train(), index_kind="ivf-flat")
-    assert approx.info()["bank_kind"] == "ivf-flat"
+    approx = build(tmp_path / kind, piped_train(), index_kind=kind)
+    assert approx.info()["bank_kind"] == kind
     for image in piped_test("impurity")[:3]:
         a, b = exact.query(str(image)), approx.query(str(image))
         # approximate search can only miss the true nearest neighbour: no patch distance gets smaller
         assert (b.anomaly_map >= a.anomaly_map - 1e-3).all()
         assert b.score == pytest.approx(a.score, rel=0.05)
+
+
+def test_hnsw_bank_removes_an_image_by_rebuilding_and_keeps_its_kind_and_breadth(tmp_path):
+    images = [str(p) for p in piped_train()[:4]]
+    with Engine.create(tmp_path / "ix", index_kind="hnsw", nprobe=64) as engine:
+        engine.add(images)
+        info = engine.info()
+        assert (info["bank_kind"], info["nprobe"]) == ("hnsw", 64)
+        assert engine.query(images[0]).score == pytest.approx(0, abs=1e-3)  # a reference finds itself
+        out = engine.remove([images[0]])
+        assert out["vectors_removed"] > 0 and engine.info()["vectors"] == info["vectors"] - out["vectors_removed"]
+        assert engine.query(images[0]).score > 0.1  # its own patches are gone from the graph
+    with Engine.open(tmp_path / "ix") as reopened:
+        assert (reopened.bank.kind, reopened.bank.nprobe) == ("hnsw", 64)
+        assert reopened.bank.ntotal == info["vectors"] - out["vectors_removed"]
+        assert reopened.query(images[1]).score == pytest.approx(0, abs=1e-3)
 
 
 def test_coreset_keeps_the_requested_share_and_never_drops_existing_vectors(tmp_path):

@@ -12,6 +12,10 @@ Strategies (`KINDS`, plus "auto" for `choose_kind`), with the index's own bytes 
   2 to 4 dimensions, see `pq_subquantizers`), about D / 2 + 8 bytes. Smallest; its distances are those
   to the quantized vectors, a few percent off, and its recall@1 is the lowest (no exact re-ranking:
   IndexRefineFlat would keep a float32 copy of every vector, more memory than flat).
+- "hnsw": a navigable small-world graph over full float32 vectors (IndexHNSWFlat, `HNSW_LINKS` links per
+  vector), 4 * D + 8 + 8 * `HNSW_LINKS` bytes (the base level's links; more memory than flat). Never picked by
+  "auto": the fastest search at recall@1 >= 0.95 on a 1M bank, but a slow build, and faiss HNSW cannot
+  remove ids, so `remove` rebuilds the graph from the vectors kept (exact: they are stored in full).
 All support add with ids and remove by id. Distances returned are L2 (not squared). The lossy kinds
 (ivf-sq8, ivf-pq) search and return distances to their quantized vectors, and `all_vectors` gives back
 reconstructions (approximations), not the vectors that were added.
@@ -32,10 +36,14 @@ from ..faults import crash_point
 APPROX_FROM = 200_000  # bank size from which "auto" switches from exact to an approximate index
 AUTO_APPROX_KIND = "ivf-sq8"  # what "auto" picks from APPROX_FROM vectors (see docs/benchmarks.md)
 IVF_KINDS = ("ivf-flat", "ivf-sq8", "ivf-pq")
-KINDS = ("auto", "flat") + IVF_KINDS
+KINDS = ("auto", "flat") + IVF_KINDS + ("hnsw",)
 LOSSY_KINDS = ("ivf-sq8", "ivf-pq")  # kinds whose stored vectors are approximations
 SPREAD_NEIGHBOURS = 8  # how many neighbours `VectorIndex.spread` averages over
 ID_BYTES = 8  # an int64 id per stored vector (the IDMap's id array, or an inverted list's ids)
+HNSW_LINKS = 32  # faiss's M: links per vector on each upper level, twice that on the base level
+HNSW_BUILD_BREADTH = 40  # efConstruction: candidates kept while linking a new vector
+# efSearch unless set: recall@1 0.97 on 1M real patch vectors, 0.93 at 64 (docs/benchmarks.md, "hnsw").
+HNSW_SEARCH_BREADTH = 128
 
 
 def _check(vectors: np.ndarray, dim: int, name: str = "vectors") -> np.ndarray:
@@ -64,6 +72,14 @@ def ivf_lists_for(n: int) -> int:
     return int(max(1, min(nlist, n // 64)))
 
 
+def default_search_breadth(kind: str, nlist: int | None = None) -> int | None:
+    """What `VectorIndex.nprobe` is unless set: `default_nprobe(nlist)` lists for an IVF kind,
+    `HNSW_SEARCH_BREADTH` (efSearch) for hnsw, None for flat (exhaustive)."""
+    if kind in IVF_KINDS:
+        return default_nprobe(int(nlist))
+    return HNSW_SEARCH_BREADTH if kind == "hnsw" else None
+
+
 def default_nprobe(nlist: int) -> int:
     """Lists searched per query unless set: 2 * sqrt(nlist), at least 32 (all of them up to 32 lists).
 
@@ -90,9 +106,13 @@ def bytes_per_vector(kind: str, dim: int) -> int:
     """Bytes an index of `kind` spends per stored vector of `dim` float32 dimensions (code + 8-byte id),
     without building one; `VectorIndex.bytes_per_vector` reports the same for a live index.
     flat, ivf-flat: 4 * dim + 8; ivf-sq8: dim + 8; ivf-pq: one byte per sub-quantizer + 8 (trained on
-    fewer than 256 vectors it uses smaller codebooks and codes: the live index says)."""
+    fewer than 256 vectors it uses smaller codebooks and codes: the live index says); hnsw: 4 * dim + 8 plus
+    its base level's 2 * `HNSW_LINKS` int32 links (upper levels, about 1 in `HNSW_LINKS` vectors, add a few
+    bytes on average: `VectorIndex.memory_bytes` counts them)."""
     if kind in ("flat", "ivf-flat"):
         return 4 * dim + ID_BYTES
+    if kind == "hnsw":
+        return 4 * dim + ID_BYTES + 4 * 2 * HNSW_LINKS
     if kind == "ivf-sq8":
         return dim + ID_BYTES
     if kind == "ivf-pq":
@@ -130,6 +150,12 @@ class VectorIndex:
             self._ivf = index
         elif isinstance(index, faiss.IndexPreTransform):  # ivf-pq padded to an even dimension
             self._ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        # The graph of an hnsw bank (inside its id map), None for the other kinds.
+        self._hnsw = None
+        if isinstance(index, faiss.IndexIDMap2):
+            inner = faiss.downcast_index(index.index)
+            if isinstance(inner, faiss.IndexHNSW):
+                self._hnsw = inner
         if nprobe is not None:
             self.nprobe = nprobe
         self._typical_spread: tuple[int, float] | None = None  # (neighbours, value), see typical_spread
@@ -141,15 +167,25 @@ class VectorIndex:
         return cls(faiss.IndexIDMap2(faiss.IndexFlatL2(dim)))
 
     @classmethod
+    def hnsw(cls, dim: int) -> "VectorIndex":
+        graph = faiss.IndexHNSWFlat(dim, HNSW_LINKS, faiss.METRIC_L2)
+        graph.hnsw.efConstruction = HNSW_BUILD_BREADTH
+        graph.hnsw.efSearch = HNSW_SEARCH_BREADTH
+        return cls(faiss.IndexIDMap2(graph))
+
+    @classmethod
     def create(cls, kind: str, dim: int, training: np.ndarray | None = None,
                nlist: int | None = None) -> "VectorIndex":
-        """An empty index of `kind` ("flat" or one of `IVF_KINDS`; not "auto": see `choose_kind`).
+        """An empty index of `kind` ("flat", "hnsw" or one of `IVF_KINDS`; not "auto": see `choose_kind`).
 
         IVF kinds are trained on `training` (N, dim): the coarse k-means (`nlist` lists, default
-        `ivf_lists_for(N)`) and, for ivf-sq8 / ivf-pq, the quantizer of the residuals.
+        `ivf_lists_for(N)`) and, for ivf-sq8 / ivf-pq, the quantizer of the residuals. flat and hnsw
+        need no training.
         """
         if kind == "flat":
             return cls.flat(dim)
+        if kind == "hnsw":
+            return cls.hnsw(dim)
         if kind not in IVF_KINDS:
             raise ValueError(f"unknown index kind {kind!r}; choose from {KINDS[1:]}")
         if training is None or not len(training):
@@ -194,13 +230,15 @@ class VectorIndex:
         if vectors.ndim != 2:
             raise ValueError(f"vectors must be (N, D), got {vectors.shape}")
         kind = choose_kind(kind, len(vectors))
-        out = cls.create(kind, vectors.shape[1], vectors if kind != "flat" else None, nlist)
+        out = cls.create(kind, vectors.shape[1], vectors if kind in IVF_KINDS else None, nlist)
         if len(vectors):
             out.add(vectors, np.arange(len(vectors)) if ids is None else ids)
         return out
 
     @property
     def kind(self) -> str:
+        if self._hnsw is not None:
+            return "hnsw"
         ivf = self._ivf
         if ivf is None:
             return "flat"
@@ -219,19 +257,26 @@ class VectorIndex:
 
     @property
     def nprobe(self) -> int | None:
+        """How widely an approximate search looks: the IVF lists searched per query, or hnsw's efSearch
+        (candidates kept while walking the graph); None for flat (exhaustive)."""
+        if self._hnsw is not None:
+            return int(self._hnsw.hnsw.efSearch)
         return int(self._ivf.nprobe) if self._ivf is not None else None
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        if self._ivf is not None:
+        if self._hnsw is not None:
+            self._hnsw.hnsw.efSearch = int(max(1, value))
+        elif self._ivf is not None:
             self._ivf.nprobe = int(min(max(1, value), self._ivf.nlist))
 
     def use_nprobe(self, value: int | None) -> None:
-        """Search `value` lists per query, or with None `default_nprobe` of this index's lists (the engine
-        calls it on every bank it loads: the policy of the running code wins over the nprobe a file was
+        """Search with breadth `value`, or with None `default_search_breadth` of this index (the engine
+        calls it on every bank it loads: the policy of the running code wins over the breadth a file was
         saved with). No effect on flat."""
-        if self._ivf is not None:
-            self.nprobe = default_nprobe(self._ivf.nlist) if value is None else value
+        default = default_search_breadth(self.kind, self._ivf.nlist if self._ivf is not None else None)
+        if default is not None:
+            self.nprobe = default if value is None else value
 
     def bytes_per_vector(self) -> int:
         """Bytes the index itself spends per stored vector: its code plus the 8-byte id.
@@ -239,13 +284,20 @@ class VectorIndex:
         flat: 4 * D + 8 (IndexIDMap2 also keeps a reverse id -> position hash map in memory, not
         counted here, nor written to disk); IVF kinds: the inverted lists' code size + 8.
         """
+        if self._hnsw is not None:
+            return bytes_per_vector("hnsw", self.dim)
         if self._ivf is None:
             return 4 * self.dim + ID_BYTES
         return int(self._ivf.code_size) + ID_BYTES
 
     def memory_bytes(self) -> int:
         """Approximate bytes held: `bytes_per_vector` x ntotal plus the fixed trained parts (coarse
-        centroids, quantizer tables, ivf-pq's precomputed residual table)."""
+        centroids, quantizer tables, ivf-pq's precomputed residual table); for hnsw, the vectors, ids and
+        every level's links with their per-vector level and offset."""
+        if self._hnsw is not None:
+            graph = self._hnsw.hnsw
+            return (self.ntotal * (4 * self.dim + ID_BYTES) + 4 * graph.neighbors.size() + 4 * graph.levels.size()
+                    + 8 * graph.offsets.size())
         total = self.ntotal * self.bytes_per_vector()
         ivf = self._ivf
         if ivf is None:
@@ -273,10 +325,26 @@ class VectorIndex:
         if not len(ids):
             return 0
         self._typical_spread = None
+        if self._hnsw is not None:
+            return self._remove_by_rebuild(ids)
         if self._ivf is not None and self._ivf.direct_map.type == faiss.DirectMap.Hashtable:
             # faiss keeps an id -> list hash map in step only through an array selector.
             return int(self.index.remove_ids(faiss.IDSelectorArray(ids)))
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
+
+    def _remove_by_rebuild(self, ids: np.ndarray) -> int:
+        """hnsw: a new graph over the vectors not in `ids` (faiss cannot unlink a vector from the graph).
+        Memory: the kept vectors twice while the new graph is built; time: a build of the kept bank."""
+        held, vectors = self.all_vectors()
+        keep = ~np.isin(held, ids)
+        if keep.all():
+            return 0
+        fresh = VectorIndex.hnsw(self.dim)
+        fresh.nprobe = self.nprobe
+        if keep.any():
+            fresh.add(vectors[keep], held[keep])
+        self.index, self._hnsw = fresh.index, fresh._hnsw
+        return int((~keep).sum())
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """(n,) stored ids -> (n, D) float32 vectors (reconstructions for the lossy kinds).
@@ -387,7 +455,7 @@ class VectorIndex:
                 np.ascontiguousarray(np.concatenate([b[1] for b in blocks]), np.float32))
 
     def rebuilt_as(self, kind: str, extra: tuple[np.ndarray, np.ndarray] | None = None) -> "VectorIndex":
-        """A new index of `kind` ("flat" or one of `IVF_KINDS`) with this one's vectors plus `extra`
+        """A new index of `kind` ("flat", "hnsw" or one of `IVF_KINDS`) with this one's vectors plus `extra`
         (vectors, ids); an IVF kind is trained on all of them (a sample, see `build_from_blocks`).
 
         The vectors come from `iter_vectors`: when this index is lossy (ivf-sq8, ivf-pq), the new one is
@@ -441,7 +509,7 @@ class VectorIndex:
 
 def build_from_blocks(kind: str, dim: int, n: int,
                       blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]) -> VectorIndex:
-    """An index of `kind` ("flat" or an IVF kind) over the `n` vectors that `blocks()` yields as
+    """An index of `kind` ("flat", "hnsw" or an IVF kind) over the `n` vectors that `blocks()` yields as
     ((m, dim) float32 vectors, (m,) int64 ids) blocks, without holding them all at once.
 
     An IVF kind is trained on the sample `sample_positions(n, training_count(kind, nlist))` picks
