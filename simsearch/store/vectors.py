@@ -333,18 +333,20 @@ class VectorIndex:
         return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
 
     def _remove_by_rebuild(self, ids: np.ndarray) -> int:
-        """hnsw: a new graph over the vectors not in `ids` (faiss cannot unlink a vector from the graph).
-        Memory: the kept vectors twice while the new graph is built; time: a build of the kept bank."""
-        held, vectors = self.all_vectors()
-        keep = ~np.isin(held, ids)
-        if keep.all():
+        """hnsw: a new graph over the vectors not in `ids` (faiss cannot unlink a vector from the graph),
+        streamed through `build_from_blocks`. Memory: both graphs and one block; time: a build of the kept bank."""
+        gone = int(np.isin(self.ids(), ids).sum())
+        if not gone:
             return 0
-        fresh = VectorIndex.hnsw(self.dim)
+
+        def kept():
+            for block_ids, vectors in self.iter_vectors():
+                keep = ~np.isin(block_ids, ids)
+                yield vectors[keep], block_ids[keep]
+        fresh = build_from_blocks("hnsw", self.dim, self.ntotal - gone, kept)
         fresh.nprobe = self.nprobe
-        if keep.any():
-            fresh.add(vectors[keep], held[keep])
         self.index, self._hnsw = fresh.index, fresh._hnsw
-        return int((~keep).sum())
+        return gone
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """(n,) stored ids -> (n, D) float32 vectors (reconstructions for the lossy kinds).
