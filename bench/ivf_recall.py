@@ -52,7 +52,7 @@ def main() -> None:
         t_approx = time.perf_counter() - start
         recall = float((ids[i_exact[:, 0]] == i_approx[:, 0]).mean())
         excess = float((d_approx[:, 0] - d_exact).mean() / d_exact.mean())
-        print(f"nlist {bank.index.nlist} nprobe {nprobe}: recall@1 {recall:.3f}, mean distance {excess:+.2%} "
+        print(f"nlist {bank.nlist} nprobe {nprobe}: recall@1 {recall:.3f}, mean distance {excess:+.2%} "
               f"vs exact, search {t_approx:.2f} s vs exact {t_exact:.2f} s")
 
 

@@ -269,7 +269,7 @@ def step_tier(tier: str) -> dict:
             if nprobe:
                 index.nprobe = nprobe
             start = time.perf_counter()
-            d, i = index.search(queries, 1)
+            d, i = index.search(queries, config.k_neighbours)
             seconds = time.perf_counter() - start
             if kind == "flat":
                 exact_d, exact_i = d[:, 0], i[:, 0]
@@ -277,8 +277,8 @@ def step_tier(tier: str) -> dict:
                    "recall_at_1": float((i[:, 0] == exact_i).mean()),
                    "mean_distance_excess": float((d[:, 0] - exact_d).mean() / exact_d.mean())}
             row["search"][str(nprobe or "exact")] = rec
-        if index._ivf is not None:
-            row["nlist"] = int(index._ivf.nlist)
+        if index.nlist is not None:
+            row["nlist"] = index.nlist
         out["kinds"][kind] = row
         del index
     return out
@@ -292,20 +292,22 @@ def latency(tier: str, kinds: list[str], images: int = 20) -> dict:
     from simsearch.features import tiles_per_batch
     from simsearch.images import Image, load_image
     from simsearch.runtime import configure_threads
+    from simsearch.store.banks import BankView
     from simsearch.store.vectors import VectorIndex
     tmp = tempfile.TemporaryDirectory()
     engine = Engine.create(Path(tmp.name) / "index")
     engine.add([str(train_images()[0])])
     emb = engine.embedder
     configure_threads(2)
-    engine.bank  # loads the generation; its bank is swapped below for the tier's
+    committed = engine.banks.view()  # its patch bank is swapped below for the tier's
     vectors, ids = tier_vectors(tier)
     decoded = [load_image(p).rgb for p in test_images()[::29][:images]]
     out = {"tier": tier, "vectors": int(len(vectors)), "images": len(decoded),
            "threads": torch.get_num_threads(), "kinds": {}}
     for kind in kinds:
-        engine._bank = VectorIndex.from_vectors(kind, vectors, ids)
-        nprobe = engine._bank.nprobe
+        bank = VectorIndex.from_vectors(kind, vectors, ids)
+        engine.banks.pin(BankView(committed.generation, bank, committed.images))
+        nprobe = bank.nprobe
         engine.query(decoded[0])  # warm
         forward, query, patches = [], [], []
         for rgb in decoded:
@@ -383,7 +385,7 @@ def step_auroc() -> dict:
     from simsearch.evaluation.datasets import category_names, load_category
     from simsearch.evaluation.metrics import image_auroc
     from simsearch.images import load_image
-    from simsearch.scoring import discounted_image_score, patch_scores
+    from simsearch.scoring import score_vectors
     from simsearch.store.vectors import VectorIndex, choose_kind
     config = IndexConfig()
     emb = default_embedder()
@@ -405,14 +407,15 @@ def step_auroc() -> dict:
         for kind in KINDS:
             index = VectorIndex.from_vectors(kind, bank)
             start = time.perf_counter()
-            d, i = index.search(queries, 1)
+            d, i = index.search(queries, config.k_neighbours)
             search_s = time.perf_counter() - start
-            scores = [discounted_image_score(patch_scores(d[a:b]), i[a:b, 0], index, config.image_top_k,
-                                             config.sparse_discount) for a, b in zip(bounds[:-1], bounds[1:])]
+            # Each image through the engine's scoring chain (the batched search above is for recall and time).
+            scores = [score_vectors(index, queries[a:b], config.search).image_score
+                      for a, b in zip(bounds[:-1], bounds[1:])]
             if kind == "flat":
                 exact_ids = i[:, 0]
             row["kinds"][kind] = {"image_auroc": image_auroc(labels, np.asarray(scores)), "nprobe": index.nprobe,
-                                  "nlist": None if index._ivf is None else int(index._ivf.nlist),
+                                  "nlist": index.nlist,
                                   "recall_at_1": float((i[:, 0] == exact_ids).mean()), "search_s": search_s}
         exact = row["kinds"]["flat"]["image_auroc"]
         for kind in KINDS[1:]:
@@ -505,7 +508,7 @@ def step_tier_10m(n: int = 10_000_000, block: int = 500_000) -> dict:
         d, i = flat.search(queries, 1)
         better = d[:, 0] < exact
         exact[better], exact_ids[better] = d[better, 0], i[better, 0] + s
-    out = {"vectors": n, "kind": kind, "nlist": int(index._ivf.nlist), "bytes_per_vector": index.bytes_per_vector(),
+    out = {"vectors": n, "kind": kind, "nlist": index.nlist, "bytes_per_vector": index.bytes_per_vector(),
            "flat_bytes_per_vector": 4 * sample.shape[1] + 8, "memory_bytes": index.memory_bytes(),
            "file_bytes": path.stat().st_size, "train_s": progress["train_s"], "add_s": progress["add_s"],
            "default_nprobe": index.nprobe, "search": {}}

@@ -45,9 +45,8 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
     from simsearch.evaluation import metrics
     from simsearch.evaluation.datasets import load_mask
     from simsearch.images import load_image
-    from simsearch.scoring import discounted, image_score, patch_scores, smooth
+    from simsearch.scoring import anomaly_map, discounted, image_score, score_grid, smooth
     from simsearch.store.vectors import VectorIndex
-    from simsearch.tiling import grid_to_image
 
     seconds = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,16 +66,16 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
             image = load_image(sample.path)
             grid = embedder.embed(image)
             hc, wc = grid.grid_shape
-            distances, nearest = index.search(grid.features.reshape(hc * wc, -1), config.k_neighbours)
-            scores = patch_scores(distances).reshape(hc, wc)
+            scale = config.scale_for(image.height, image.width)
+            scored = score_grid(index, grid, config.search, scale)  # the engine's scoring chain
+            scores, amap = scored.scores, scored.anomaly_map
             if density:
                 # How sparse the bank is around each patch's nearest reference (VectorIndex.spread): a match in
                 # a sparse part of the bank (a rare but good look) counts for less below.
-                spreads.append((index.spread(nearest[:, 0]).reshape(hc, wc), grid.layout, image.height, image.width))
-            raw = grid_to_image(scores, grid.layout, image.height, image.width)
-            amap = smooth(raw, config.blur_sigma / config.scale_for(image.height, image.width))
+                spreads.append((index.spread(scored.nearest_ids.ravel()).reshape(hc, wc), grid.layout, image.height,
+                                image.width))
             if blurs:
-                raw_maps.append((raw, config.scale_for(image.height, image.width)))
+                raw_maps.append((anomaly_map(scores, grid.layout, image.height, image.width, 0.0), scale))
             labels.append(sample.label)
             grids.append(scores)
             maps.append(amap)
@@ -109,7 +108,7 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
                 row[f"image_auroc_{name}_top{k}"] = metrics.image_auroc(labels, np.asarray(
                     [image_score(r, k) for r in relative]))
             if category.has_masks:
-                rel_maps = [smooth(grid_to_image(r, layout, h, w), config.blur_sigma / config.scale_for(h, w))
+                rel_maps = [anomaly_map(r, layout, h, w, config.blur_sigma / config.scale_for(h, w))
                             for r, (_, layout, h, w) in zip(relative, spreads)]
                 row[f"pixel_auroc_{name}"] = metrics.pixel_auroc(masks, rel_maps)
                 row[f"aupro_{name}"] = metrics.aupro(masks, rel_maps, max_fpr=0.3)

@@ -17,11 +17,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .backbones import BackboneError
-from .engine import Engine, SimsearchError
-from .images import ImageError, load_image
-from .report import query_record, write_heatmap
-from .store.catalog import SchemaError
+from .engine import Engine
+from .errors import BadInput, SimsearchError, exit_code
+from .images import load_image
+from .records import query_record
+from .report import write_heatmap
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects by similarity to good images.")
 index_app = typer.Typer(no_args_is_help=True, help="Build and inspect the index of good images.")
@@ -46,25 +46,27 @@ IndexKindOpt = Annotated[Optional[str], typer.Option(help="auto (exact below 200
 NprobeOpt = Annotated[Optional[int], typer.Option(help="How widely an approximate bank searches: IVF lists per patch "
                                                   "(default: 2 x the square root of the number of lists, at least "
                                                   "32), or hnsw's efSearch (default 128).")]
-USER_ERRORS = (SimsearchError, ImageError, BackboneError, SchemaError, ValueError)
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 1) -> None:
     err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 @contextmanager
 def user_errors():
+    """A SimsearchError becomes one line on stderr and the exit code errors.exit_code gives its class;
+    anything else is a bug and keeps its traceback."""
     try:
         yield
-    except USER_ERRORS as exc:
-        fail(str(exc))
+    except SimsearchError as exc:
+        fail(str(exc), exit_code(exc))
 
 
 @contextmanager
 def staged_progress(prefix: str = ""):
-    """Progress bars on stderr (only on a terminal): update(stage, done, total), one bar per stage."""
+    """Progress bars on stderr (only on a terminal), one per stage: update(stage, done, total), the engine's
+    progress convention (records.Progress)."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not err.is_terminal) as bar:
         tasks: dict[str, int] = {}
@@ -74,13 +76,6 @@ def staged_progress(prefix: str = ""):
                 tasks[stage] = bar.add_task(f"{prefix}{stage}", total=total)
             bar.update(tasks[stage], completed=done, total=total)
         yield update
-
-
-@contextmanager
-def progress_bar(description: str):
-    """One bar; update(done, total, message) as the engine calls it."""
-    with staged_progress() as update:
-        yield lambda done, total, _message: update(description, done, total)
 
 
 def emit_json(obj) -> None:
@@ -114,7 +109,7 @@ def index_add(
     dir_existed, index_existed = index.exists(), Engine.exists(index)
     try:
         with user_errors():
-            with Engine.open_or_create(index, **options) as engine, progress_bar("embedding") as update:
+            with Engine.open_or_create(index, **options) as engine, staged_progress() as update:
                 report = engine.add(paths, holdout=holdout, coreset=coreset, progress=update)
     except typer.Exit:
         if not index_existed:  # a first add that failed leaves no empty index behind
@@ -133,7 +128,7 @@ def index_add(
 
 
 def on_index(index: Path, action):
-    """Open the index, run `action(engine)` and return its result; user errors become one line and exit 1."""
+    """Open the index, run `action(engine)` and return its result; user errors become one line."""
     with user_errors():
         with Engine.open(index) as engine:
             return action(engine)
@@ -189,7 +184,7 @@ def index_check(index: IndexDir = Path("index"), as_json: JsonFlag = False):
 def index_repair(index: IndexDir = Path("index"), as_json: JsonFlag = False):
     """Make the FAISS files agree with the catalog (re-embedding from the image files where needed)."""
     with user_errors():
-        with Engine.open(index) as engine, progress_bar("re-embedding") as update:
+        with Engine.open(index) as engine, staged_progress() as update:
             result = engine.repair(progress=update)
     if as_json:
         emit_json(result)
@@ -213,7 +208,7 @@ def calibrate(
 ):
     """Choose thresholds from good images outside the bank."""
     with user_errors():
-        with Engine.open(index) as engine, progress_bar("scoring") as update:
+        with Engine.open(index) as engine, staged_progress() as update:
             cal = engine.calibrate(good or None, target_fpr=target_fpr, defects=defects or None,
                                    min_region_area=min_region_area, progress=update)
     if as_json:
@@ -241,7 +236,7 @@ def query(
     with user_errors():
         engine = Engine.open(index)
     with engine:
-        cal, warning = engine.current_calibration()
+        _cal, warning = engine.current_calibration()
         if warning:
             err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
         if not as_json:
@@ -251,10 +246,9 @@ def query(
                 img = load_image(path)
                 result = engine.query(img)
                 if heatmap_dir is not None:
-                    result.heatmap = write_heatmap(result, img.rgb, heatmap_dir,
-                                                   cal["pixel_threshold"] if cal else None, taken)
-            except USER_ERRORS as exc:
-                failures += 1
+                    result.heatmap = write_heatmap(result, img.rgb, heatmap_dir, result.pixel_threshold, taken)
+            except SimsearchError as exc:
+                failures = max(failures, exit_code(exc))
                 err.print(f"[red]error:[/red] {exc}", highlight=False)
                 continue
             if as_json:
@@ -264,7 +258,7 @@ def query(
                 sim = "-" if result.similarity is None else f"{result.similarity:.3f}"
                 out.print(f"{verdict:<9} {result.score:8.4f}  {sim:>10}  {len(result.regions):>7}  {result.image}")
     if failures:
-        raise typer.Exit(1)
+        raise typer.Exit(failures)
 
 
 @app.command()
@@ -288,7 +282,7 @@ def search(
 @app.command("finetune")
 def finetune_command(
     goods: Annotated[list[str], typer.Argument(help="Good images: files, folders (recursive) or globs.")],
-    out: Annotated[Path, typer.Option("--out", help="The head file to write (.safetensors).")],
+    out_file: Annotated[Path, typer.Option("--out", help="The head file to write (.safetensors).")],
     defects: Annotated[Optional[list[str]], typer.Option(help="Labelled defective images (repeatable), each with "
                                                               "a mask: MVTec's ground_truth/<defect>/<stem>_mask.png "
                                                               "or <stem>_mask.png beside it.")] = None,
@@ -321,11 +315,11 @@ def finetune_command(
                           disable=not err.is_terminal) as bar:
             task = bar.add_task("fine-tuning", total=steps, loss="-")
             info, trained = finetune_files(
-                goods, out, defects=defects or (), settings=settings, backbone=backbone, weights=weights,
+                goods, out_file, defects=defects or (), settings=settings, backbone=backbone, weights=weights,
                 progress=lambda done, total, value: bar.update(task, completed=done, loss=f"{value:.4f}"),
                 **embedder)
     tail = trained.losses[-max(1, len(trained.losses) // 10):]
-    record = {"out": str(out), "sha256": info.sha256, "loss": loss, "steps": steps, "seed": seed,
+    record = {"out": str(out_file), "sha256": info.sha256, "loss": loss, "steps": steps, "seed": seed,
               "seconds": round(trained.seconds, 2), "first_loss": trained.losses[0],
               "final_loss_mean": float(sum(tail) / len(tail)), "images": info.training["images"],
               "real_defect_images": info.training["real_defect_images"], "base_fingerprint": info.base_fingerprint,
@@ -333,11 +327,11 @@ def finetune_command(
     if as_json:
         emit_json(record)
         return
-    out.print(f"wrote {out}: {loss} head on {record['images']} good images"
+    out.print(f"wrote {out_file}: {loss} head on {record['images']} good images"
               + (f" and {record['real_defect_images']} labelled defective ones" if record["real_defect_images"] else "")
               + f", {steps} steps in {record['seconds']:.1f} s; loss {record['first_loss']:.4f} at the first step, "
                 f"{record['final_loss_mean']:.4f} over the last {len(tail)}")
-    out.print(f"use it on a new index: simsearch index add GOOD... --weights {out} --index NEW_DIR")
+    out.print(f"use it on a new index: simsearch index add GOOD... --weights {out_file} --index NEW_DIR")
 
 
 @app.command("eval")
@@ -388,7 +382,7 @@ def eval_command(
         names = category_names(dataset)
         unknown = sorted(set(category or []) - set(names))
         if unknown:
-            raise ValueError(f"no such categories in {dataset}: {unknown}; found {names}")
+            raise BadInput(f"no such categories in {dataset}: {unknown}; found {names}")
         names = [n for n in names if not category or n in category]
         for position, name in enumerate(names, 1):
             cat = load_category(dataset, name)

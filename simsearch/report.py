@@ -1,4 +1,4 @@
-"""What a person or a machine reads: heatmap overlays and JSON-ready result records."""
+"""What a person reads: heatmap overlays and the eval report (the JSON record is records.query_record)."""
 from __future__ import annotations
 
 import html
@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .engine import QueryResult
+from .records import QueryResult
 
 
 def heatmap_overlay(rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float | None,
@@ -51,33 +51,6 @@ def write_heatmap(result: QueryResult, rgb: np.ndarray, directory: str | os.Path
     if not cv2.imwrite(str(path), heatmap_overlay(rgb, result.anomaly_map, pixel_threshold, result.regions)):
         raise OSError(f"could not write {path}")
     return str(path)
-
-
-def query_record(result: QueryResult) -> dict:
-    """The JSON line of one query (see README: keys and units)."""
-    def nearest(n):
-        return None if n is None else {"image": n.image, "sha256": n.sha256, "x": n.x, "y": n.y,
-                                       "distance": round(n.distance, 6)}
-
-    def region(r):
-        return {"x": r.x, "y": r.y, "w": r.w, "h": r.h, "area": r.area, "score": round(r.score, 6),
-                "nearest": nearest(r.nearest)}
-
-    return {
-        "image": result.image,
-        "score": round(result.score, 6),
-        "threshold": None if result.threshold is None else round(result.threshold, 6),
-        "is_anomalous": result.is_anomalous,
-        "similarity": None if result.similarity is None else round(result.similarity, 6),
-        "regions": [region(r) for r in result.regions],
-        "peak": region(result.peak),
-        "heatmap": result.heatmap,
-        "distance": "l2",
-        "generation": result.generation,
-        "calibration_id": result.calibration_id,
-        "fingerprint": result.fingerprint,
-        "warning": result.warning,
-    }
 
 
 def _fmt(value, digits: int = 4) -> str:

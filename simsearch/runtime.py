@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from .errors import BadInput
+
 
 def thread_count() -> int:
     """Threads for torch and faiss: SIMSEARCH_THREADS, else torch's current setting."""
@@ -21,7 +23,7 @@ def thread_count() -> int:
     if value:
         n = int(value)
         if n < 1:
-            raise ValueError(f"SIMSEARCH_THREADS must be >= 1, got {value!r}")
+            raise BadInput(f"SIMSEARCH_THREADS must be >= 1, got {value!r}")
         return n
     import torch
     return int(torch.get_num_threads())

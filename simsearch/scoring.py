@@ -1,9 +1,15 @@
-"""Anomaly scores from nearest-neighbour distances (PatchCore), maps and regions.
+"""Anomaly scores from nearest-neighbour distances (PatchCore), maps and regions: the one scoring chain.
+
+    distances -> patch scores -> image score -> map          (`score_vectors`, `score_grid`)
 
 A patch's score is its L2 distance to the nearest reference patch (mean over k neighbours when
 k > 1); the image score is the mean of the highest patch scores, optionally discounted where the
 nearest reference lies in a sparse part of the bank. The map interpolates patch scores back to
-the original resolution and smooths them with a Gaussian, as PatchCore does.
+the original resolution and smooths them with a Gaussian, as PatchCore does. The engine, the eval
+runner and the bench scripts all score through `score_vectors` / `score_grid`.
+
+`bank` below is anything with VectorIndex's `search`, `ntotal`, `spread`, `typical_spread` and
+`spread_neighbours` (simsearch/store/vectors.py).
 """
 from __future__ import annotations
 
@@ -12,7 +18,57 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .store.vectors import SPREAD_NEIGHBOURS
+from .config import SearchConfig
+from .tiling import grid_to_image
+
+
+@dataclass(frozen=True)
+class PatchScores:
+    """One image's patches scored against a bank."""
+
+    scores: np.ndarray  # (N,) float32 patch scores (L2 to the nearest reference, or the mean over k)
+    nearest_ids: np.ndarray  # (N,) int64 id of each patch's nearest reference vector
+    nearest_distances: np.ndarray  # (N,) float32 L2 distance to it
+    image_score: float  # the mean of the top_k highest discounted patch scores
+
+
+@dataclass(frozen=True)
+class ScoredImage:
+    """`PatchScores` laid out on the image's patch grid, with its anomaly map."""
+
+    grid: object  # the PatchGrid the vectors came from (simsearch/features.py)
+    scores: np.ndarray  # (Hc, Wc) float32
+    nearest_ids: np.ndarray  # (Hc, Wc) int64
+    nearest_distances: np.ndarray  # (Hc, Wc) float32
+    score: float  # the image score
+    anomaly_map: np.ndarray  # (H, W) float32 at the image's own resolution
+
+
+def score_vectors(bank, vectors: np.ndarray, search: SearchConfig) -> PatchScores:
+    """(N, D) float32 patch vectors of one image -> PatchScores against `bank`, with the search
+    configuration's k neighbours, image top-k and sparse discount."""
+    distances, ids = bank.search(vectors, search.k_neighbours)
+    scores = patch_scores(distances)
+    return PatchScores(scores, ids[:, 0].copy(), distances[:, 0].copy(),
+                       discounted_image_score(scores, ids[:, 0], bank, search.image_top_k, search.sparse_discount))
+
+
+def anomaly_map(grid_scores: np.ndarray, layout, height: int, width: int, sigma: float) -> np.ndarray:
+    """(Hc, Wc) patch scores on a tile layout -> (height, width) float32 map, Gaussian-smoothed with
+    `sigma` pixels of the original image."""
+    return smooth(grid_to_image(grid_scores, layout, height, width), sigma)
+
+
+def score_grid(bank, grid, search: SearchConfig, scale: float) -> ScoredImage:
+    """A PatchGrid (`features` (Hc, Wc, D), `layout`, `original_size`) -> ScoredImage. `scale`: the resize
+    factor the embedder applied (the blur's sigma is given in pixels at that scale)."""
+    hc, wc = grid.grid_shape
+    scored = score_vectors(bank, grid.features.reshape(hc * wc, -1), search)
+    scores = scored.scores.reshape(hc, wc)
+    height, width = grid.original_size
+    return ScoredImage(grid=grid, scores=scores, nearest_ids=scored.nearest_ids.reshape(hc, wc),
+                       nearest_distances=scored.nearest_distances.reshape(hc, wc), score=scored.image_score,
+                       anomaly_map=anomaly_map(scores, grid.layout, height, width, search.blur_sigma / scale))
 
 
 def patch_scores(distances: np.ndarray) -> np.ndarray:
@@ -59,7 +115,7 @@ def discounted_image_score(scores: np.ndarray, nearest_ids: np.ndarray, bank, to
     flat, ids = np.asarray(scores, np.float32).ravel(), np.asarray(nearest_ids, np.int64).ravel()
     if flat.shape != ids.shape:
         raise ValueError(f"scores and ids must match, got {flat.shape} and {ids.shape}")
-    if power == 0 or bank.ntotal <= SPREAD_NEIGHBOURS:  # too few references to tell sparse from dense
+    if power == 0 or bank.ntotal <= bank.spread_neighbours:  # too few references to tell sparse from dense
         return image_score(flat, top_k)
     n = min(flat.size, max(4 * top_k, 64))
     top = np.argpartition(flat, flat.size - n)[-n:]

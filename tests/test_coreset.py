@@ -5,7 +5,7 @@ import faiss
 import numpy as np
 import pytest
 
-from simsearch.coreset import Coreset, coreset_size, coverage_radius, greedy_coreset, select_coreset
+from simsearch.coreset import Coreset, coreset_size, coverage_radius, select_coreset
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,17 +38,17 @@ def _naive_greedy(x, k, first, start=None):
 
 def test_picks_n_select_distinct_indices():
     x = _blobs(3000)
-    chosen = greedy_coreset(x, 150)
+    chosen = select_coreset(x, size=150).indices
     assert chosen.dtype == np.int64 and chosen.shape == (150,)
     assert len(set(chosen.tolist())) == 150 and chosen.min() >= 0 and chosen.max() < 3000
-    assert greedy_coreset(x, 0).shape == (1,)  # clamped to [1, N]
-    np.testing.assert_array_equal(greedy_coreset(x[:40], 10 ** 6), np.arange(40))
-    assert greedy_coreset(x[:0], 5).shape == (0,)
+    np.testing.assert_array_equal(select_coreset(x[:40], size=40).indices, np.arange(40))
+    with pytest.raises(ValueError, match="size"):
+        select_coreset(x, size=0)
 
 
 def test_exact_duplicates_are_still_picked_once_each():
     x = np.repeat(_blobs(5), 40, axis=0)  # 5 distinct vectors, 40 copies each
-    chosen = greedy_coreset(x, 199)
+    chosen = select_coreset(x, size=199).indices
     assert len(set(chosen.tolist())) == 199
     assert len({tuple(v) for v in x[chosen[:5]]}) == 5  # one of each distinct vector comes first
 
@@ -64,11 +64,11 @@ def test_matches_a_naive_greedy_k_center_without_projection():
 
 def test_deterministic_with_a_seed_and_prefix_stable():
     x = _blobs(2000, dim=200)  # > projection_dim: the projection is used
-    a = greedy_coreset(x, 100, seed=5)
-    np.testing.assert_array_equal(a, greedy_coreset(x, 100, seed=5))
-    assert not np.array_equal(a, greedy_coreset(x, 100, seed=6))
+    a = select_coreset(x, size=100, seed=5).indices
+    np.testing.assert_array_equal(a, select_coreset(x, size=100, seed=5).indices)
+    assert not np.array_equal(a, select_coreset(x, size=100, seed=6).indices)
     # greedy: a smaller coreset is the start of a larger one
-    np.testing.assert_array_equal(greedy_coreset(x, 30, seed=5), a[:30])
+    np.testing.assert_array_equal(select_coreset(x, size=30, seed=5).indices, a[:30])
     assert select_coreset(x, size=100, seed=5).projected
 
 
@@ -89,7 +89,7 @@ def test_coverage_radius_decreases_as_n_select_grows():
 def test_a_planted_far_outlier_is_picked_early():
     x = _blobs(4000, dim=160)
     x[1234] = 60.0  # far from every cluster
-    chosen = greedy_coreset(x, 40, seed=0)
+    chosen = select_coreset(x, size=40, seed=0).indices
     assert 1234 in chosen[:2].tolist()  # the first pick is random; the farthest point comes next at the latest
     assert 1234 in select_coreset(x, ratio=0.01, seed=9).indices[:2].tolist()
 
@@ -101,20 +101,20 @@ def test_existing_bank_makes_its_near_duplicates_come_last():
     near_bank = bank[rng.choice(500, 300)] + 0.01 * rng.standard_normal((300, 140)).astype(np.float32)
     new = np.concatenate([near_bank, fresh])
     is_fresh = np.arange(len(new)) >= 300
-    order = greedy_coreset(new, len(new) - 1, existing=bank)
+    order = select_coreset(new, size=len(new) - 1, existing=bank).indices
     assert is_fresh[order[:300]].all()  # every fresh vector before any near-duplicate of the bank
     # the bank's own distances (as its index would give them) order the selection the same way
     nearest = np.sqrt(faiss.knn(new, bank, 1)[0][:, 0])
-    order2 = greedy_coreset(new, len(new) - 1, existing_distances=nearest)
+    order2 = select_coreset(new, size=len(new) - 1, existing_distances=nearest).indices
     assert is_fresh[order2[:300]].all()
     # a coreset of the fresh share covers the new vectors together with the bank
     picked = select_coreset(new, size=300, existing=bank)
     assert is_fresh[picked.indices].all()
     assert coverage_radius(new, picked.indices, existing=bank) < 0.5
     with pytest.raises(ValueError, match="existing_distances"):
-        greedy_coreset(new, 5, existing_distances=nearest[:10])
+        select_coreset(new, size=5, existing_distances=nearest[:10]).indices
     with pytest.raises(ValueError, match="existing vectors"):
-        greedy_coreset(new, 5, existing=bank[:, :10])
+        select_coreset(new, size=5, existing=bank[:, :10]).indices
 
 
 def test_existing_start_matches_naive_greedy():

@@ -21,7 +21,9 @@ import sqlalchemy as sa
 
 from simsearch.engine import Engine
 from simsearch.store import bankfiles
-from tests.realdata import piped_test, piped_train
+from realdata import needs_piped, piped_test, piped_train
+
+pytestmark = needs_piped
 
 FIRST, SECOND = 4, 10  # images in the index before the add, images the killed add brings
 
@@ -123,7 +125,7 @@ def test_add_killed_at_every_crash_point_leaves_the_state_before_or_after(setup,
 
 def test_add_killed_at_timed_moments(setup, tmp_path):
     s = setup
-    states = []
+    killed_while_running = []
     for i, fraction in enumerate(np.linspace(0.6, 1.0, 5)):
         index = tmp_path / f"timed{i}"
         shutil.copytree(s["base"], index)
@@ -131,10 +133,12 @@ def test_add_killed_at_timed_moments(setup, tmp_path):
         time.sleep(s["duration"] * fraction)
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
-        states.append(assert_consistent_and_whole(index, s, f"timed kill at {fraction:.2f}"))
+        killed_while_running.append(proc.returncode == -signal.SIGKILL)
+        assert proc.returncode in (0, -signal.SIGKILL), proc.returncode
+        assert_consistent_and_whole(index, s, f"timed kill at {fraction:.2f}")
         rerun_completes(index, s, f"timed kill at {fraction:.2f}")
         shutil.rmtree(index)
-    assert len(states) == 5
+    assert any(killed_while_running)  # at least one kill landed inside the add
 
 
 def test_check_and_repair_after_damage(setup, tmp_path):
@@ -187,7 +191,7 @@ def test_second_writer_waits_then_fails_clearly_and_changes_nothing(setup, tmp_p
         "import sys, time\n"
         "from simsearch.engine import Engine\n"
         f"engine = Engine.open({str(index)!r})\n"
-        "with engine._writer_lock():\n"
+        "with engine.writer_lock():\n"
         "    print('locked', flush=True)\n"
         "    time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
     try:
@@ -196,7 +200,7 @@ def test_second_writer_waits_then_fails_clearly_and_changes_nothing(setup, tmp_p
         started = time.monotonic()
         proc = cli("index", "add", str(s["second"]), "--index", str(index), env={"SIMSEARCH_LOCK_TIMEOUT": "2"})
         _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 1
+        assert proc.returncode == 4  # IndexBusy's exit code (simsearch/errors.py): try again later
         assert "being written by another process" in err and "gave up after 2 s" in err
         assert time.monotonic() - started >= 2
         assert sorted(p.name for p in index.iterdir()) == files_before
@@ -227,7 +231,7 @@ def test_queries_see_a_consistent_state_while_a_writer_works(setup, tmp_path):
         "deadline = time.monotonic() + 600\n"
         "while time.monotonic() < deadline:\n"
         "    report = engine.check()\n"
-        "    assert report['missing_from_bank'] == report['orphans_in_bank'] == 0, report\n"
+        "    assert report['ok'] and report['bank_vectors'] == report['catalog_vectors'], report\n"
         f"    result = engine.query({s['probe']!r})\n"
         "    seen.append(result.generation)\n"
         f"    if result.generation >= {final}: break\n"
@@ -235,14 +239,15 @@ def test_queries_see_a_consistent_state_while_a_writer_works(setup, tmp_path):
     images = sorted(s["second"].iterdir())
     assert reader.stdout.readline().strip() == "ready"  # the reader is loaded and querying
     with Engine.open(index) as engine:
-        start = engine.catalog.state()["generation"]
+        start = engine.generation
         for i in range(0, 6, 2):  # add and remove in turns: the generation moves 6 times
             engine.add([str(p) for p in images[i:i + 2]])
             engine.remove([str(images[i].resolve())])
             time.sleep(0.3)
         engine.add([str(images[6])])
+        reached = engine.generation
     out, err = reader.communicate(timeout=600)
     assert reader.returncode == 0, err
     seen = json.loads(out)
-    assert start + 7 == final
+    assert reached == final
     assert seen == sorted(seen) and seen[0] == start and seen[-1] == final and len(set(seen)) >= 3

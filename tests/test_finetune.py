@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 
 from realdata import needs_piped, piped_train
 from simsearch.config import IndexConfig
-from simsearch.finetune import (FinetuneSettings, HeadError, ProjectionHead, cell_coverage, check_base,
-                                finetune_files, is_head_file, load_head, nuisance, read_head_info, sample_batch,
-                                softmax_loss, triplet_loss)
+from simsearch.errors import HeadError
+from simsearch.finetune import (FinetuneSettings, cell_coverage, finetune_files, nuisance, sample_batch, softmax_loss,
+                                triplet_loss)
+from simsearch.heads import ProjectionHead, check_base, is_head_file, load_head, read_head_info
 
 TINY = dict(steps=3, batch=2, crop=64, anchors_per_step=64)
 

@@ -172,7 +172,9 @@ def test_discounted_lowers_only_scores_matched_where_the_bank_is_sparser_than_ty
 
 
 class _Bank:
-    """A stand-in with the two VectorIndex methods discounted_image_score uses (spreads by id)."""
+    """A stand-in with what discounted_image_score uses of a VectorIndex (spreads by id)."""
+
+    spread_neighbours = 8
 
     def __init__(self, spreads: dict[int, float], typical: float):
         self.spreads, self.typical, self.ntotal = spreads, typical, 1000

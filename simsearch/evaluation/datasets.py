@@ -15,7 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import BadInput
 from ..images import IMAGE_SUFFIXES
+from ..mvtec import mvtec_mask_path
 
 
 @dataclass(frozen=True)
@@ -49,24 +51,17 @@ def category_names(root: str | Path) -> list[str]:
         return [root.name]
     names = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
     if not names:
-        raise ValueError(f"{root}: no MVTec-layout category (a folder with train/good) found")
+        raise BadInput(f"{root}: no MVTec-layout category (a folder with train/good) found")
     return names
-
-
-def mvtec_mask_path(image: str | Path) -> Path:
-    """Where the MVTec layout keeps the mask of `<category>/test/<defect>/<name>`:
-    `<category>/ground_truth/<defect>/<stem>_mask.png` (the file may not exist)."""
-    image = Path(image)
-    return image.parent.parent.parent / "ground_truth" / image.parent.name / f"{image.stem}_mask.png"
 
 
 def load_category(root: str | Path, name: str) -> Category:
     root = Path(root)
     folder = root if (root / "train" / "good").is_dir() and root.name == name else root / name
     if not (folder / "train" / "good").is_dir():
-        raise ValueError(f"{folder}: no train/good folder")
+        raise BadInput(f"{folder}: no train/good folder")
     if not (folder / "test").is_dir():
-        raise ValueError(f"{folder}: no test folder")
+        raise BadInput(f"{folder}: no test folder")
     test: list[Sample] = []
     for defect_dir in sorted(p for p in (folder / "test").iterdir() if p.is_dir()):
         kind = defect_dir.name
@@ -85,7 +80,7 @@ def load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
         return np.zeros(shape, dtype=bool)
     mask = cv2.imread(str(sample.mask_path), cv2.IMREAD_GRAYSCALE)
     if mask is None:
-        raise ValueError(f"{sample.mask_path}: unreadable mask")
+        raise BadInput(f"{sample.mask_path}: unreadable mask")
     if mask.shape != shape:
-        raise ValueError(f"{sample.mask_path}: mask is {mask.shape[::-1]}, image is {shape[::-1]}")
+        raise BadInput(f"{sample.mask_path}: mask is {mask.shape[::-1]}, image is {shape[::-1]}")
     return mask > 0

@@ -14,23 +14,20 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from sqlalchemy import select
 
 from ..calibration import threshold_for_fpr
-from ..scoring import discounted_image_score, patch_scores
 from ..engine import Engine
-from ..images import load_image
+from ..errors import BadInput
 from ..finetune import FinetuneSettings, finetune_files
-from ..store.catalog import vectors as vectors_table
+from ..images import load_image
+from ..records import Progress
+from ..scoring import score_vectors
 from ..store.vectors import VectorIndex, choose_kind
 from . import metrics
 from .baselines import BASELINES
-from .datasets import Category, load_category, load_mask
+from .datasets import Category, load_mask
 
 METHODS = ("patchcore", *BASELINES)
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
 
 @dataclass
 class CategoryResult:
@@ -64,26 +61,10 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _per_image_vectors(engine: Engine) -> dict[int, np.ndarray]:
-    """image id -> (n, D) bank vectors of that image."""
-    ids, vecs = engine.bank.all_vectors()
-    order = np.argsort(ids)
-    ids, vecs = ids[order], vecs[order]
-    with engine.catalog.engine.connect() as conn:
-        rows = np.asarray(conn.execute(select(vectors_table.c.id, vectors_table.c.image_id)
-                                       .order_by(vectors_table.c.id)).all(), dtype=np.int64)
-    owners = rows[np.searchsorted(rows[:, 0], ids), 1] if len(rows) else np.zeros(0, np.int64)
-    # Group by owner with one stable sort (vectors keep their id order within an image).
-    by_owner = np.argsort(owners, kind="stable")
-    image_ids, starts = np.unique(owners[by_owner], return_index=True)
-    groups = np.split(vecs[by_owner], starts[1:])
-    return {int(i): g for i, g in zip(image_ids, groups)}
-
-
 def _full_patches(engine: Engine, image_ids: list[int]) -> dict[int, np.ndarray]:
     """image id -> (n, D) patch vectors of the whole image, embedded again from its file (a coreset bank keeps
     only some of them, and a held-out image must be scored on all its patches, as a query is)."""
-    paths = {r["id"]: r["path"] for r in engine.catalog.images("reference")}
+    paths = {r["id"]: r["path"] for r in engine.images("reference")}
     grids = engine.embedder.embed_many(load_image(paths[i]) for i in image_ids)
     return {i: g.features.reshape(-1, g.features.shape[-1]) for i, g in zip(image_ids, grids)}
 
@@ -92,7 +73,7 @@ def cross_scores(engine: Engine, folds: int, progress: Progress | None = None,
                  reembed: bool = False) -> np.ndarray:
     """Image scores of every bank image against a bank built without its fold. (N,) float. `reembed`: score
     each image on all its patches, embedded again (for a bank that does not hold them all: a coreset)."""
-    per_image = _per_image_vectors(engine)
+    per_image = engine.vectors_by_image()
     image_ids = sorted(per_image)
     queries = _full_patches(engine, image_ids) if reembed else per_image
     folds = max(2, min(folds, len(image_ids)))
@@ -107,9 +88,7 @@ def cross_scores(engine: Engine, folds: int, progress: Progress | None = None,
         bank = VectorIndex.from_vectors(kind, bank_vectors, np.arange(len(bank_vectors)))
         bank.use_nprobe(engine.config.nprobe)
         for pos in np.flatnonzero(fold_of == f):
-            distances, nearest = bank.search(queries[image_ids[pos]], engine.config.k_neighbours)
-            scores[pos] = discounted_image_score(patch_scores(distances), nearest[:, 0], bank,
-                                                 engine.config.image_top_k, engine.config.sparse_discount)
+            scores[pos] = score_vectors(bank, queries[image_ids[pos]], engine.config.search).image_score
     if progress:
         progress("threshold", folds, folds)
     return scores
@@ -146,7 +125,7 @@ def _run_patchcore(category: Category, settings: dict, folds: int, workdir, prog
         start = time.perf_counter()
         engine = Engine.create(Path(tmp) / "index", head=head, **settings)
         engine.add([str(p) for p in category.train], coreset=coreset,
-                   progress=(lambda d, t, _m: progress("build", d, t)) if progress else None)
+                   progress=(lambda _stage, d, t: progress("build", d, t)) if progress else None)
         seconds["build"] = time.perf_counter() - start
         start = time.perf_counter()
         train_scores = cross_scores(engine, folds, progress, reembed=coreset is not None and coreset < 1)
@@ -197,14 +176,14 @@ def evaluate_category(category: Category, *, method: str = "patchcore", settings
     seconds: dict[str, float] = {}
     trained: dict = {}
     if (finetune is not None or coreset is not None) and method != "patchcore":
-        raise ValueError(f"fine-tuning and a coreset apply to the engine (patchcore), not to {method!r}")
+        raise BadInput(f"fine-tuning and a coreset apply to the engine (patchcore), not to {method!r}")
     if method == "patchcore":
         train_scores, tests = _run_patchcore(category, settings or {}, folds, workdir, progress, seconds,
                                              finetune, trained, coreset)
     elif method in BASELINES:
         train_scores, tests = _run_detector(BASELINES[method], category, folds, progress, seconds)
     else:
-        raise ValueError(f"unknown method {method!r}; available: {METHODS}")
+        raise BadInput(f"unknown method {method!r}; available: {METHODS}")
     choice = threshold_for_fpr(train_scores, target_fpr)
 
     start = time.perf_counter()
@@ -240,7 +219,3 @@ def mean_row(results: list[CategoryResult]) -> dict:
         out[key] = float(np.mean(values)) if values else None
     out["seconds"] = round(sum(sum(r.seconds.values()) for r in results), 1)
     return out
-
-
-def evaluate(root: str | Path, categories: list[str], **kwargs) -> list[CategoryResult]:
-    return [evaluate_category(load_category(root, name), **kwargs) for name in categories]

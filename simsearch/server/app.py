@@ -24,12 +24,11 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
-from ..engine import SimsearchError, WriterBusy
-from ..images import ImageError, ImageTooLarge
-from ..store.catalog import SchemaError
-from .indexes import NAME_PATTERN, Exposure, IndexUnavailable, Registry, UnknownIndex
-from .uploads import RequestRefused, read_uploads
+from ..version import __version__
+from ..records import QueryRecord
+from ..errors import BadInput, RequestRefused, SimsearchError, http_status
+from .indexes import NAME_PATTERN, Exposure, Registry
+from .uploads import read_uploads
 
 STATIC = Path(__file__).parent / "static"
 SETTINGS_ENV = "SIMSEARCH_SERVE_SETTINGS"  # how `simsearch serve` hands its settings to uvicorn's workers
@@ -54,52 +53,15 @@ class ServerSettings:
             try:
                 token = Path(self.token_file).read_text().strip()
             except OSError as exc:
-                raise ValueError(f"{self.token_file}: cannot read the token file ({exc.strerror or exc})") from None
+                raise BadInput(f"{self.token_file}: cannot read the token file ({exc.strerror or exc})") from None
             if not token:
-                raise ValueError(f"{self.token_file}: the token file is empty")
+                raise BadInput(f"{self.token_file}: the token file is empty")
             return token
         return os.environ.get(TOKEN_ENV) or None
 
 
-# -- response shapes (for the OpenAPI schema; the JSON is the one `simsearch query --json` prints) -------
-class Nearest(BaseModel):
-    sha256: str = Field(description="content hash of the good reference image")
-    x: int = Field(description="top-left corner of the nearest good patch, in that image's pixels")
-    y: int
-    distance: float = Field(description="L2 distance between the two patch vectors")
-    thumbnail: str = Field(description="URL of a crop of the reference around that patch")
-    image: Optional[str] = Field(None, description="server path of the reference (only with --expose-paths)")
-
-
-class Region(BaseModel):
-    x: int
-    y: int
-    w: int
-    h: int
-    area: int
-    score: float
-    nearest: Optional[Nearest]
-
-
-class QueryRecord(BaseModel):
-    image: str = Field(description="the uploaded file's name as given")
-    score: float
-    threshold: Optional[float]
-    is_anomalous: Optional[bool] = Field(description="null without a fresh calibration (see warning)")
-    similarity: Optional[float]
-    regions: list[Region]
-    peak: Region
-    heatmap: Optional[str] = Field(description="URL or data: URI of the heatmap PNG, if asked for")
-    distance: str
-    generation: int
-    calibration_id: Optional[int]
-    fingerprint: str
-    warning: Optional[str]
-    query_id: str
-    width: int
-    height: int
-
-
+# -- response shapes (for the OpenAPI schema): the query record is records.QueryRecord, the same record
+# `simsearch query --json` prints ----------------------------------------------------------------------------
 class QueryResponse(BaseModel):
     index: str
     results: list[QueryRecord]
@@ -209,12 +171,6 @@ class BodyLimitMiddleware:
         await self.app(scope, counted, send)
 
 
-def answer_with(status: int):
-    async def handler(_request, exc: Exception) -> JSONResponse:
-        return error_response(status, str(exc))
-    return handler
-
-
 def create_app(settings: ServerSettings) -> FastAPI:
     registry = Registry({n: Path(d) for n, d in settings.indexes.items()},
                         Path(settings.root) if settings.root else None,
@@ -250,20 +206,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     read, write = [Depends(reader_auth)], [Depends(writer_auth)]
 
-    # -- errors: JSON with a status that says what went wrong ---------------------------------
-    @api.exception_handler(RequestRefused)
-    async def refused(_request, exc: RequestRefused):
-        return error_response(exc.status, exc.message, exc.headers)
-
-    for exc_class, status in [(UnknownIndex, 404), (IndexUnavailable, 503), (ImageTooLarge, 413), (ImageError, 422),
-                              (WriterBusy, 409), (SchemaError, 503)]:
-        api.add_exception_handler(exc_class, answer_with(status))
-
+    # -- errors: JSON with the status errors.http_status gives the error's class ----------------
     @api.exception_handler(SimsearchError)
-    async def engine_refused(_request, exc: SimsearchError):
-        # A damaged index (the engine says to repair it) is the server's trouble; anything else is the
-        # index's state not allowing the request (no reference images, nothing to calibrate on).
-        return error_response(503 if "index repair" in str(exc) else 409, str(exc))
+    async def refused(_request, exc: SimsearchError):
+        return error_response(http_status(exc), str(exc), getattr(exc, "headers", None))
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):

@@ -23,22 +23,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..backbones import BackboneError
-from ..engine import Engine, QueryResult, SimsearchError
-from ..features import Embedder
+from ..engine import Engine
+from ..errors import BadInput, IndexUnavailable, RequestRefused, SimsearchError, UnknownIndex
 from ..images import decode
-from ..report import heatmap_overlay, query_record
-from .uploads import RequestRefused, Upload
+from ..records import QueryResult, query_record
+from ..report import heatmap_overlay
+from .uploads import Upload
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class UnknownIndex(LookupError):
-    """No index of that name is served (404)."""
-
-
-class IndexUnavailable(RuntimeError):
-    """The index is configured but cannot answer now (503): not built yet, or damaged."""
 
 
 class Models:
@@ -46,7 +38,7 @@ class Models:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_fingerprint: dict[str, Embedder] = {}
+        self._by_fingerprint: dict = {}  # fingerprint -> Embedder
 
     def attach(self, engine: Engine) -> Engine:
         fingerprint = engine.config.fingerprint
@@ -116,7 +108,7 @@ class ServedIndex:
                     raise IndexUnavailable(f"index {self.name!r}: {exc}") from None
                 try:
                     self.models.attach(engine)
-                except (SimsearchError, BackboneError) as exc:  # e.g. its weights file is missing
+                except SimsearchError as exc:  # e.g. its weights file is missing
                     engine.close()
                     raise IndexUnavailable(f"index {self.name!r}: {exc}") from None
                 old, self._reader, self._identity = self._reader, engine, identity
@@ -129,9 +121,9 @@ class ServedIndex:
         """A fresh Engine for one write; in-process writers queue here, other processes at the Engine's flock."""
         self.reader()  # same errors as a read when the index is missing; loads the shared model
         with self._write_lock:
-            engine = self.models.attach(Engine.open(self.directory))
+            engine = Engine.open(self.directory)
             try:
-                yield engine
+                yield self.models.attach(engine)
             finally:
                 engine.close()
 
@@ -140,12 +132,6 @@ class ServedIndex:
             if self._reader is not None:
                 self._reader.close()
             self._reader = self._identity = None
-
-    @staticmethod
-    def state(engine: Engine) -> tuple[int, int | None]:
-        """(bank generation, latest calibration id): what a query's answer depends on."""
-        latest = engine.catalog.latest_calibration()
-        return engine.catalog.state()["generation"], None if latest is None else latest["id"]
 
     # -- the gallery of recent queries and their heatmaps ------------------------------------
     def remember(self, entry: RecentQuery, heatmap_png: bytes | None) -> None:
@@ -179,19 +165,10 @@ class ServedIndex:
     def query(self, uploads: list[Upload], heatmap: str) -> list[dict]:
         """Each upload's `simsearch query --json` record, all from one bank generation and one calibration."""
         images = [u.decode(self.exposure.max_pixels) for u in uploads]  # every image decodes, or none is scored
-        engine = self.reader()
-        for _attempt in range(3):
-            before = self.state(engine)
-            results = [engine.query(img) for img in images]
-            cal, _warning = engine.current_calibration()
-            # A writer committed in between: the bank and the threshold may be from different states; again.
-            if self.state(engine) == before and all(r.generation == before[0] for r in results):
-                break
-        else:
-            raise IndexUnavailable("the index changed during the query three times in a row; try again")
-        pixel_threshold = cal["pixel_threshold"] if cal else None
+        results = self.reader().query_many(images)  # one bank view and one calibration for all of them
         records = []
         for img, result in zip(images, results):
+            pixel_threshold = result.pixel_threshold
             record = self._public_record(result, img.width, img.height)
             record["query_id"] = query_id = uuid.uuid4().hex[:16]
             heatmap_png = None
@@ -236,7 +213,7 @@ class ServedIndex:
     def images(self, role: str | None) -> list[dict]:
         keys = ("sha256", "role", "width", "height", "added_at", "n_vectors")
         return [{**{k: row[k] for k in keys}, **({"image": row["path"]} if self.exposure.expose_paths else {})}
-                for row in self.reader().catalog.images(role)]
+                for row in self.reader().images(role)]
 
     def add(self, uploads: list[Upload], holdout: float, coreset: float | None) -> dict:
         """Add uploaded good images; their bytes are kept in <index>/uploads/ so that `index repair` can re-embed."""
@@ -244,7 +221,7 @@ class ServedIndex:
             upload.decode(self.exposure.max_pixels)
         skipped, fresh = [], {}
         with self.writer() as engine:
-            known = engine.catalog.known_hashes([u.sha256 for u in uploads])
+            known = engine.known_images([u.sha256 for u in uploads])
             for upload in uploads:
                 sha = upload.sha256
                 if sha in known:
@@ -283,7 +260,7 @@ class ServedIndex:
 
     def remove(self, sha256: str) -> dict:
         with self.writer() as engine:
-            found, _missing = engine.catalog.find_images([sha256])
+            found, _missing = engine.find_images([sha256])
             if not found:
                 raise RequestRefused(404, f"no image with sha256 {sha256} in index {self.name!r}")
             result = engine.remove([sha256])
@@ -306,10 +283,10 @@ class ServedIndex:
 
     def thumbnail(self, sha256: str, x: int, y: int, w: int | None, h: int | None, size: int) -> bytes:
         """A PNG crop of a stored image, shifted inside it (never cut smaller), its longer side `size` px."""
-        row = self.reader().catalog.known_hashes([sha256]).get(sha256)
+        row = self.reader().known_images([sha256]).get(sha256)
         if row is None:
             raise RequestRefused(404, f"no image with sha256 {sha256} in index {self.name!r}")
-        rgb = _stored_pixels(row["path"], sha256)
+        rgb = _stored_pixels.get(row["path"], sha256)
         height, width = rgb.shape[:2]
         w, h = min(w or width, width), min(h or height, height)
         x, y = min(x, width - w), min(y, height - h)
@@ -326,7 +303,7 @@ class Registry:
                  keep_recent: int = 24):
         for name in named:
             if not NAME_PATTERN.match(name):
-                raise ValueError(f"index name {name!r}: use letters, digits, '.', '_' and '-' (up to 64)")
+                raise BadInput(f"index name {name!r}: use letters, digits, '.', '_' and '-' (up to 64)")
         self.root = root
         self.models = Models()
         self._new = functools.partial(ServedIndex, models=self.models, exposure=exposure, keep_recent=keep_recent)
@@ -356,7 +333,7 @@ class Registry:
 
 def calibration_summary(engine: Engine) -> dict | None:
     """The latest calibration, with what its threshold means in false alarms per 100 good parts."""
-    latest = engine.catalog.latest_calibration()
+    latest = engine.latest_calibration()
     if latest is None:
         return None
     expected = latest["details"].get("expected_fpr")
@@ -367,16 +344,46 @@ def calibration_summary(engine: Engine) -> dict | None:
             "expected_false_alarms_per_100_good": None if expected is None else round(100 * expected, 4)}
 
 
-@functools.lru_cache(maxsize=32)
-def _stored_pixels(path: str, sha256: str) -> np.ndarray:
-    """A stored image's pixels, from the path its catalog row holds (never one a client names)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
-        raise RequestRefused(404, f"the file of image {sha256} is no longer on the server") from None
-    if Upload("", data).sha256 != sha256:
-        raise RequestRefused(409, f"the file of image {sha256} has changed since it was added")
-    return decode(data, sha256)  # the size limit it passed when it was added
+class PixelCache:
+    """Decoded stored images for thumbnails, least recently used out first, bounded by bytes: one image at the
+    50 MP limit decodes to 150 MB, so a bound by count would not bound memory. An image larger than the
+    whole budget is decoded for its request and not kept."""
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return sum(a.nbytes for a in self._items.values())
+
+    def get(self, path: str, sha256: str) -> np.ndarray:
+        """A stored image's pixels, from the path its catalog row holds (never one a client names)."""
+        key = (path, sha256)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        try:
+            data = Path(path).read_bytes()
+        except OSError:
+            raise RequestRefused(404, f"the file of image {sha256} is no longer on the server") from None
+        if Upload("", data).sha256 != sha256:
+            raise RequestRefused(409, f"the file of image {sha256} has changed since it was added")
+        rgb = decode(data, sha256)  # the size limit it passed when it was added
+        if rgb.nbytes <= self.max_bytes:
+            with self._lock:
+                self._items[key] = rgb
+                total = sum(a.nbytes for a in self._items.values())
+                while total > self.max_bytes:
+                    _, dropped = self._items.popitem(last=False)
+                    total -= dropped.nbytes
+        return rgb
+
+
+_stored_pixels = PixelCache()
 
 
 def _png(bgr: np.ndarray) -> bytes:

@@ -10,21 +10,12 @@ from dataclasses import dataclass
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
+from ..errors import RequestRefused
 from ..images import Image, decode
 
 RAW_TYPES = ("application/octet-stream",)  # besides image/*
 MAGIC_SUFFIXES = [(b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8", ".jpg"), (b"BM", ".bmp"), (b"II*\x00", ".tif"),
                   (b"MM\x00*", ".tif"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif")]
-
-
-class RequestRefused(Exception):
-    """A request the server will not process; `status` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
 
 
 @dataclass(frozen=True)

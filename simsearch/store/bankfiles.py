@@ -74,11 +74,6 @@ def stray_files(directory: Path, generation: int) -> list[Path]:
     return out
 
 
-def generation_of(path: Path) -> int | None:
-    m = _NAME.match(Path(path).name)
-    return int(m.group(2)) if m and m.group(2) is not None else None
-
-
 def remove_stray(directory: Path, generation: int) -> list[Path]:
     """Delete stray bank files (only under the writer lock: a running writer's new files are strays too)."""
     removed = []

@@ -19,6 +19,7 @@ from sqlalchemy import (Column, Float, ForeignKey, Index, Integer, MetaData, Str
 from sqlalchemy.engine import Connection, Engine
 
 from ..config import IndexConfig
+from ..errors import CatalogError
 
 metadata = MetaData()
 
@@ -86,10 +87,6 @@ calibrations = Table(
 Index("ix_images_role", images.c.role)
 
 
-class SchemaError(RuntimeError):
-    pass
-
-
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
@@ -115,7 +112,7 @@ def migrate(engine: Engine) -> None:
         current = MigrationContext.configure(conn).get_current_revision()
     known = {rev.revision for rev in script.walk_revisions()}
     if current is not None and current not in known:
-        raise SchemaError(f"the index database has schema revision {current}, newer than this simsearch knows "
+        raise CatalogError(f"the index database has schema revision {current}, newer than this simsearch knows "
                           f"(head {script.get_current_head()}); upgrade simsearch to open it")
     if current != script.get_current_head():
         with engine.begin() as conn:
@@ -130,12 +127,12 @@ class Catalog:
         event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
             migrate(self.engine)
-        except SchemaError:
+        except CatalogError:
             self.engine.dispose()
             raise
         except Exception as exc:  # a damaged file surfaces here as a DBAPI error
             self.engine.dispose()
-            raise SchemaError(f"{self.path}: not a usable simsearch database ({exc.__class__.__name__}: "
+            raise CatalogError(f"{self.path}: not a usable simsearch database ({exc.__class__.__name__}: "
                               f"{str(exc).splitlines()[0][:200]})") from None
 
     def close(self) -> None:
@@ -255,6 +252,12 @@ class Catalog:
             refs = conn.execute(select(images.c.id).where(images.c.role == "reference")
                                 .order_by(images.c.id)).scalars().all()
         return {**state, "vector_ids": np.asarray(ids, np.int64), "reference_ids": np.asarray(refs, np.int64)}
+
+    def vector_owners(self) -> np.ndarray:
+        """(N, 2) int64 [faiss id, image id] of every vector, by id."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(vectors.c.id, vectors.c.image_id).order_by(vectors.c.id)).all()
+        return np.asarray(rows, np.int64).reshape(-1, 2)
 
     def image_cells(self, image_id: int) -> np.ndarray:
         """(N, 3) int64 [faiss id, row, col] of one image's stored vectors."""

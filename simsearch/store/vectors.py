@@ -1,6 +1,6 @@
 """FAISS vector storage with stable ids, behind one small interface.
 
-Strategies (`KINDS`, plus "auto" for `choose_kind`), with the index's own bytes per stored vector
+Kinds (`KINDS`, plus "auto" for `choose_kind`), with the index's own bytes per stored vector
 (codes + the 8-byte id; see `VectorIndex.bytes_per_vector`):
 - "flat": exact search (IndexIDMap2 over IndexFlatL2), 4 * D + 8 bytes; the default while the bank is small.
 - "ivf-flat": inverted lists over full float32 vectors (approximate in which lists are searched only),
@@ -19,10 +19,10 @@ Strategies (`KINDS`, plus "auto" for `choose_kind`), with the index's own bytes 
 All support add with ids and remove by id. Distances returned are L2 (not squared). The lossy kinds
 (ivf-sq8, ivf-pq) search and return distances to their quantized vectors, and `all_vectors` gives back
 reconstructions (approximations), not the vectors that were added.
+Each kind is a strategy object in `kinds.py` (`KIND_STRATEGIES`); `VectorIndex` delegates to it.
 """
 from __future__ import annotations
 
-import math
 import os
 import threading
 from pathlib import Path
@@ -32,18 +32,16 @@ import faiss
 import numpy as np
 
 from ..faults import crash_point
+from .kinds import (HNSW_BUILD_BREADTH, HNSW_LINKS, HNSW_SEARCH_BREADTH, ID_BYTES, KIND_STRATEGIES,  # noqa: F401
+                    PQ_TRAIN, TRAIN_PER_LIST, default_nprobe, ivf_lists_for, kind_of, pq_subquantizers,
+                    sample_positions, strategy)
 
 APPROX_FROM = 200_000  # bank size from which "auto" switches from exact to an approximate index
 AUTO_APPROX_KIND = "ivf-sq8"  # what "auto" picks from APPROX_FROM vectors (see docs/benchmarks.md)
-IVF_KINDS = ("ivf-flat", "ivf-sq8", "ivf-pq")
-KINDS = ("auto", "flat") + IVF_KINDS + ("hnsw",)
-LOSSY_KINDS = ("ivf-sq8", "ivf-pq")  # kinds whose stored vectors are approximations
+KINDS = ("auto",) + tuple(KIND_STRATEGIES)  # ("auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq", "hnsw")
+IVF_KINDS = tuple(name for name, kind in KIND_STRATEGIES.items() if kind.needs_training)
+LOSSY_KINDS = tuple(name for name, kind in KIND_STRATEGIES.items() if kind.lossy)  # stored vectors approximated
 SPREAD_NEIGHBOURS = 8  # how many neighbours `VectorIndex.spread` averages over
-ID_BYTES = 8  # an int64 id per stored vector (the IDMap's id array, or an inverted list's ids)
-HNSW_LINKS = 32  # faiss's M: links per vector on each upper level, twice that on the base level
-HNSW_BUILD_BREADTH = 40  # efConstruction: candidates kept while linking a new vector
-# efSearch unless set: recall@1 0.97 on 1M real patch vectors, 0.93 at 64 (docs/benchmarks.md, "hnsw").
-HNSW_SEARCH_BREADTH = 128
 
 
 def _check(vectors: np.ndarray, dim: int, name: str = "vectors") -> np.ndarray:
@@ -62,44 +60,10 @@ def _check_ids(ids: np.ndarray, n: int) -> np.ndarray:
     return i
 
 
-TRAIN_PER_LIST = 64  # k-means training points per inverted list (faiss warns below 39)
-PQ_TRAIN = 256 * 40  # training points for the 256-centroid product-quantizer codebooks (faiss wants >= 39 per centroid)
-
-
-def ivf_lists_for(n: int) -> int:
-    """Number of inverted lists: about sqrt(n), a power of two, at least 64 vectors per list."""
-    nlist = 2 ** round(math.log2(max(math.sqrt(max(n, 1)), 1)))
-    return int(max(1, min(nlist, n // 64)))
-
-
 def default_search_breadth(kind: str, nlist: int | None = None) -> int | None:
     """What `VectorIndex.nprobe` is unless set: `default_nprobe(nlist)` lists for an IVF kind,
-    `HNSW_SEARCH_BREADTH` (efSearch) for hnsw, None for flat (exhaustive)."""
-    if kind in IVF_KINDS:
-        return default_nprobe(int(nlist))
-    return HNSW_SEARCH_BREADTH if kind == "hnsw" else None
-
-
-def default_nprobe(nlist: int) -> int:
-    """Lists searched per query unless set: 2 * sqrt(nlist), at least 32 (all of them up to 32 lists).
-
-    Measured on real patch features at the defaults (docs/benchmarks.md, "Recall@1"): ivf-sq8, the kind
-    "auto" picks, needed nprobe 32 at 256 lists, about 48 at 512 and 64 at 1024 for recall@1 >= 0.95.
-    """
-    return int(min(nlist, max(32, math.ceil(2 * math.sqrt(nlist)))))
-
-
-def pq_subquantizers(dim: int) -> tuple[int, int]:
-    """(padded dimension, number of sub-quantizers) for ivf-pq: PQ needs the dimension to be a multiple
-    of the number of sub-vectors. The largest divisor m of `dim` with m <= dim / 2 (sub-vectors of 2
-    dimensions for every even dim); when that leaves sub-vectors of more than 4 dimensions (an odd
-    dimension without a divisor in [dim/4, dim/2], e.g. a prime), the vectors are padded with one zero
-    dimension and split in pairs."""
-    best = max((m for m in range(1, dim // 2 + 1) if dim % m == 0), default=1)
-    if dim >= 2 and 4 * best >= dim:
-        return dim, best
-    padded = dim + dim % 2
-    return padded, max(1, padded // 2)
+    `HNSW_SEARCH_BREADTH` (efSearch) for hnsw, None for flat (exhaustive) and any other name."""
+    return KIND_STRATEGIES[kind].default_breadth(nlist) if kind in KIND_STRATEGIES else None
 
 
 def bytes_per_vector(kind: str, dim: int) -> int:
@@ -109,53 +73,24 @@ def bytes_per_vector(kind: str, dim: int) -> int:
     fewer than 256 vectors it uses smaller codebooks and codes: the live index says); hnsw: 4 * dim + 8 plus
     its base level's 2 * `HNSW_LINKS` int32 links (upper levels, about 1 in `HNSW_LINKS` vectors, add a few
     bytes on average: `VectorIndex.memory_bytes` counts them)."""
-    if kind in ("flat", "ivf-flat"):
-        return 4 * dim + ID_BYTES
-    if kind == "hnsw":
-        return 4 * dim + ID_BYTES + 4 * 2 * HNSW_LINKS
-    if kind == "ivf-sq8":
-        return dim + ID_BYTES
-    if kind == "ivf-pq":
-        return pq_subquantizers(dim)[1] + ID_BYTES
-    raise ValueError(f"unknown index kind {kind!r}; choose from {KINDS[1:]}")
+    return strategy(kind).bytes_per_vector(dim)
 
 
 def training_count(kind: str, nlist: int) -> int:
-    """How many vectors an IVF index of `kind` with `nlist` lists is trained on (at most)."""
-    return max(nlist * TRAIN_PER_LIST, PQ_TRAIN) if kind == "ivf-pq" else nlist * TRAIN_PER_LIST
-
-
-def sample_positions(n: int, count: int) -> np.ndarray:
-    """(min(n, count),) sorted int64 positions of the training sample drawn from n vectors (seeded)."""
-    if n <= count:  # k-means cost grows with the sample: keep it small
-        return np.arange(n, dtype=np.int64)
-    return np.sort(np.random.default_rng(0).choice(n, count, replace=False)).astype(np.int64)
-
-
-def _train_sample(training: np.ndarray, count: int) -> np.ndarray:
-    if len(training) <= count:
-        return training
-    return training[sample_positions(len(training), count)]
+    """How many vectors an IVF index of `kind` with `nlist` lists is trained on (at most; 0 for flat, hnsw)."""
+    return strategy(kind).training_count(nlist)
 
 
 class VectorIndex:
-    """A FAISS index holding (id -> vector); `kind` names the strategy."""
+    """A FAISS index holding (id -> vector); `kind` names its strategy (`kinds.IndexKind`), which does
+    all that differs between kinds. Distances are L2, not squared."""
+
+    spread_neighbours = SPREAD_NEIGHBOURS  # what `spread` averages over unless told: scoring asks the bank
 
     def __init__(self, index: faiss.Index, nprobe: int | None = None):
         self.index = index
         self.dim = index.d
-        # The inverted-file part (for nprobe, the lists and their codes), None for flat.
-        self._ivf = None
-        if isinstance(index, faiss.IndexIVF):
-            self._ivf = index
-        elif isinstance(index, faiss.IndexPreTransform):  # ivf-pq padded to an even dimension
-            self._ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-        # The graph of an hnsw bank (inside its id map), None for the other kinds.
-        self._hnsw = None
-        if isinstance(index, faiss.IndexIDMap2):
-            inner = faiss.downcast_index(index.index)
-            if isinstance(inner, faiss.IndexHNSW):
-                self._hnsw = inner
+        self._kind = kind_of(index)
         if nprobe is not None:
             self.nprobe = nprobe
         self._typical_spread: tuple[int, float] | None = None  # (neighbours, value), see typical_spread
@@ -164,14 +99,11 @@ class VectorIndex:
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def flat(cls, dim: int) -> "VectorIndex":
-        return cls(faiss.IndexIDMap2(faiss.IndexFlatL2(dim)))
+        return cls.create("flat", dim)
 
     @classmethod
     def hnsw(cls, dim: int) -> "VectorIndex":
-        graph = faiss.IndexHNSWFlat(dim, HNSW_LINKS, faiss.METRIC_L2)
-        graph.hnsw.efConstruction = HNSW_BUILD_BREADTH
-        graph.hnsw.efSearch = HNSW_SEARCH_BREADTH
-        return cls(faiss.IndexIDMap2(graph))
+        return cls.create("hnsw", dim)
 
     @classmethod
     def create(cls, kind: str, dim: int, training: np.ndarray | None = None,
@@ -182,50 +114,18 @@ class VectorIndex:
         `ivf_lists_for(N)`) and, for ivf-sq8 / ivf-pq, the quantizer of the residuals. flat and hnsw
         need no training.
         """
-        if kind == "flat":
-            return cls.flat(dim)
-        if kind == "hnsw":
-            return cls.hnsw(dim)
-        if kind not in IVF_KINDS:
-            raise ValueError(f"unknown index kind {kind!r}; choose from {KINDS[1:]}")
+        how = strategy(kind)
+        if not how.needs_training:
+            return cls(how.build(dim))
         if training is None or not len(training):
             raise ValueError("an IVF index is trained on its vectors: it cannot be built empty")
-        training = _check(training, dim, "training vectors")
-        nlist = int(nlist or ivf_lists_for(len(training)))
-        count = training_count(kind, nlist)
-        if kind == "ivf-flat":
-            spec = f"IVF{nlist},Flat"
-        elif kind == "ivf-sq8":
-            spec = f"IVF{nlist},SQ8"
-        else:
-            padded, m = pq_subquantizers(dim)
-            # 8-bit codes want 256 training points per sub-quantizer; tiny banks get smaller codebooks.
-            nbits = int(min(8, max(1, math.floor(math.log2(min(len(training), count))))))
-            # "np": no polysemous training (a slow Hamming-order optimisation only polysemous search uses).
-            spec = (f"Pad{padded}," if padded != dim else "") + f"IVF{nlist},PQ{m}x{nbits}np"
-        index = faiss.index_factory(dim, spec, faiss.METRIC_L2)
-        index.train(_train_sample(training, count))
-        return cls(index, nprobe=default_nprobe(nlist))
-
-    @classmethod
-    def ivf_flat(cls, training: np.ndarray, nlist: int | None = None) -> "VectorIndex":
-        """An empty IVF-Flat index whose coarse quantizer is trained on `training` (N, D)."""
-        return cls.create("ivf-flat", np.asarray(training).shape[1], training, nlist)
-
-    @classmethod
-    def ivf_sq8(cls, training: np.ndarray, nlist: int | None = None) -> "VectorIndex":
-        """An empty IVF-SQ8 index (8-bit scalar-quantized residuals) trained on `training` (N, D)."""
-        return cls.create("ivf-sq8", np.asarray(training).shape[1], training, nlist)
-
-    @classmethod
-    def ivf_pq(cls, training: np.ndarray, nlist: int | None = None) -> "VectorIndex":
-        """An empty IVF-PQ index (product-quantized residuals, see `pq_subquantizers`) trained on `training`."""
-        return cls.create("ivf-pq", np.asarray(training).shape[1], training, nlist)
+        return cls(how.build(dim, _check(training, dim, "training vectors"), nlist))
 
     @classmethod
     def from_vectors(cls, kind: str, vectors: np.ndarray, ids: np.ndarray | None = None,
                      nlist: int | None = None) -> "VectorIndex":
-        """An index of `kind` ("auto" resolved by size) trained on and holding `vectors` (ids default 0..N-1)."""
+        """An index of `kind` ("auto" resolved by size) trained on and holding `vectors` (N, D) (ids (N,),
+        default 0..N-1)."""
         vectors = np.asarray(vectors)
         if vectors.ndim != 2:
             raise ValueError(f"vectors must be (N, D), got {vectors.shape}")
@@ -235,80 +135,58 @@ class VectorIndex:
             out.add(vectors, np.arange(len(vectors)) if ids is None else ids)
         return out
 
+    def clone(self) -> "VectorIndex":
+        """A deep copy (same kind, search breadth and vectors) that changes independently of this one: a
+        writer builds the next generation on it while readers keep searching this one."""
+        with self._map_lock:  # not while a reconstruct builds an IVF id map
+            copy = VectorIndex(faiss.clone_index(self.index), nprobe=self.nprobe)
+        copy._typical_spread = self._typical_spread
+        return copy
+
+    # -- what kind -------------------------------------------------------------------------------
     @property
     def kind(self) -> str:
-        if self._hnsw is not None:
-            return "hnsw"
-        ivf = self._ivf
-        if ivf is None:
-            return "flat"
-        if isinstance(ivf, faiss.IndexIVFFlat):
-            return "ivf-flat"
-        if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
-            return "ivf-sq8"
-        if isinstance(ivf, faiss.IndexIVFPQ):
-            return "ivf-pq"
-        return type(ivf).__name__  # not made here (a foreign file): named, never mistaken for one of ours
+        """One of `KINDS[1:]`, or the faiss type name of an index not made here."""
+        return self._kind.name
 
     @property
     def lossy(self) -> bool:
         """True when the index stores approximations of the vectors (ivf-sq8, ivf-pq)."""
-        return self.kind in LOSSY_KINDS
+        return self._kind.lossy
+
+    @property
+    def nlist(self) -> int | None:
+        """The number of inverted lists of an IVF kind, None for flat and hnsw."""
+        return self._kind.nlist(self.index)
 
     @property
     def nprobe(self) -> int | None:
-        """How widely an approximate search looks: the IVF lists searched per query, or hnsw's efSearch
-        (candidates kept while walking the graph); None for flat (exhaustive)."""
-        if self._hnsw is not None:
-            return int(self._hnsw.hnsw.efSearch)
-        return int(self._ivf.nprobe) if self._ivf is not None else None
+        """How widely an approximate search looks: the IVF lists searched per query (clamped to
+        1..nlist), or hnsw's efSearch (candidates kept while walking the graph); None for flat (exhaustive)."""
+        return self._kind.breadth(self.index)
 
     @nprobe.setter
     def nprobe(self, value: int) -> None:
-        if self._hnsw is not None:
-            self._hnsw.hnsw.efSearch = int(max(1, value))
-        elif self._ivf is not None:
-            self._ivf.nprobe = int(min(max(1, value), self._ivf.nlist))
+        self._kind.set_breadth(self.index, value)
 
     def use_nprobe(self, value: int | None) -> None:
         """Search with breadth `value`, or with None `default_search_breadth` of this index (the engine
         calls it on every bank it loads: the policy of the running code wins over the breadth a file was
         saved with). No effect on flat."""
-        default = default_search_breadth(self.kind, self._ivf.nlist if self._ivf is not None else None)
+        default = self._kind.default_breadth(self.nlist)
         if default is not None:
             self.nprobe = default if value is None else value
 
     def bytes_per_vector(self) -> int:
-        """Bytes the index itself spends per stored vector: its code plus the 8-byte id.
-
-        flat: 4 * D + 8 (IndexIDMap2 also keeps a reverse id -> position hash map in memory, not
-        counted here, nor written to disk); IVF kinds: the inverted lists' code size + 8.
-        """
-        if self._hnsw is not None:
-            return bytes_per_vector("hnsw", self.dim)
-        if self._ivf is None:
-            return 4 * self.dim + ID_BYTES
-        return int(self._ivf.code_size) + ID_BYTES
+        """Bytes the index itself spends per stored vector: its code plus the 8-byte id (see the module's
+        table; IVF kinds: the inverted lists' code size, which a tiny ivf-pq bank makes smaller)."""
+        return self._kind.code_bytes(self.index) + ID_BYTES
 
     def memory_bytes(self) -> int:
         """Approximate bytes held: `bytes_per_vector` x ntotal plus the fixed trained parts (coarse
         centroids, quantizer tables, ivf-pq's precomputed residual table); for hnsw, the vectors, ids and
         every level's links with their per-vector level and offset."""
-        if self._hnsw is not None:
-            graph = self._hnsw.hnsw
-            return (self.ntotal * (4 * self.dim + ID_BYTES) + 4 * graph.neighbors.size() + 4 * graph.levels.size()
-                    + 8 * graph.offsets.size())
-        total = self.ntotal * self.bytes_per_vector()
-        ivf = self._ivf
-        if ivf is None:
-            return total
-        total += ivf.nlist * ivf.d * 4  # coarse centroids
-        if isinstance(ivf, faiss.IndexIVFScalarQuantizer):
-            total += 2 * ivf.d * 4  # per-dimension range
-        elif isinstance(ivf, faiss.IndexIVFPQ):
-            total += ivf.pq.M * ivf.pq.ksub * ivf.pq.dsub * 4  # codebooks
-            total += int(ivf.precomputed_table.size()) * 4
-        return total
+        return self._kind.memory_bytes(self.index)
 
     @property
     def ntotal(self) -> int:
@@ -316,36 +194,19 @@ class VectorIndex:
 
     # -- data -----------------------------------------------------------------------------------
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """(n, D) vectors under (n,) int64 ids."""
         v = _check(vectors, self.dim)
         self._typical_spread = None
         self.index.add_with_ids(v, _check_ids(ids, len(v)))
 
     def remove(self, ids: np.ndarray) -> int:
+        """(n,) ids -> how many of them were held and are now gone. hnsw rebuilds its graph from the
+        vectors kept: it takes as long as a build."""
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
         if not len(ids):
             return 0
         self._typical_spread = None
-        if self._hnsw is not None:
-            return self._remove_by_rebuild(ids)
-        if self._ivf is not None and self._ivf.direct_map.type == faiss.DirectMap.Hashtable:
-            # faiss keeps an id -> list hash map in step only through an array selector.
-            return int(self.index.remove_ids(faiss.IDSelectorArray(ids)))
-        return int(self.index.remove_ids(faiss.IDSelectorBatch(ids)))
-
-    def _remove_by_rebuild(self, ids: np.ndarray) -> int:
-        """hnsw: a new graph over the vectors not in `ids` (faiss cannot unlink a vector from the graph),
-        streamed through `build_from_blocks`. Memory: both graphs and one block; time: a build of the kept bank."""
-        gone = int(np.isin(self.ids(), ids).sum())
-        if not gone:
-            return 0
-
-        def kept():
-            for block_ids, vectors in self.iter_vectors():
-                keep = ~np.isin(block_ids, ids)
-                yield vectors[keep], block_ids[keep]
-        fresh = build_from_blocks("hnsw", self.dim, self.ntotal - gone, kept)
-        fresh.nprobe = self.nprobe
-        self.index, self._hnsw = fresh.index, fresh._hnsw
+        self.index, gone = self._kind.remove(self.index, ids)
         return gone
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
@@ -354,10 +215,8 @@ class VectorIndex:
         An IVF index first gets an id -> list hash map (about 16 bytes per vector in memory and on disk).
         """
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).ravel())
-        if self._ivf is not None and self._ivf.direct_map.type != faiss.DirectMap.Hashtable:
-            with self._map_lock:  # queries in server threads may get here together; build the map once
-                if self._ivf.direct_map.type != faiss.DirectMap.Hashtable:
-                    self._ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        with self._map_lock:  # queries in server threads may get here together; build the map once
+            self._kind.prepare_reconstruct(self.index)
         try:
             return np.ascontiguousarray(self.index.reconstruct_batch(ids), np.float32)
         except RuntimeError as exc:
@@ -388,64 +247,19 @@ class VectorIndex:
         d2, ids = self.index.search(q, k)
         return np.sqrt(np.maximum(d2, 0.0)), ids
 
-    def _lists(self):
-        """(list number, size) of every non-empty inverted list."""
-        invlists = self._ivf.invlists
-        for lst in range(self._ivf.nlist):
-            n = invlists.list_size(lst)
-            if n:
-                yield lst, n
-
     def ids(self) -> np.ndarray:
         """(N,) int64: every id held, without reading the vectors."""
-        if self._ivf is None:
-            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
-        invlists = self._ivf.invlists
-        parts = [faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy() for lst, n in self._lists()]
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        return self._kind.ids(self.index)
 
     def iter_vectors(self, block: int = 65_536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every (id, vector) held, in blocks of about `block`: (n,) int64 and (n, D) float32 each,
         in the order `all_vectors` gives. Memory: one block (plus one inverted list), not the bank.
 
-        flat and ivf-flat give back the vectors exactly as added. ivf-sq8 and ivf-pq store only codes:
-        their vectors are reconstructions (each list's centroid plus the decoded residual, through
-        `sa_decode`), approximations whose error is that of the quantizer (see `lossy`).
+        flat, ivf-flat and hnsw give back the vectors exactly as added. ivf-sq8 and ivf-pq store only
+        codes: their vectors are reconstructions (each list's centroid plus the decoded residual),
+        approximations whose error is that of the quantizer (see `lossy`).
         """
-        if self._ivf is None:
-            all_ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
-            for start in range(0, len(all_ids), block):
-                n = min(block, len(all_ids) - start)
-                yield all_ids[start:start + n], self.index.index.reconstruct_n(start, n)
-            return
-        invlists = self._ivf.invlists
-        code_size = invlists.code_size
-        coarse = self._ivf.coarse_code_size()
-        ids, codes, count = [], [], 0
-
-        def flush():
-            block_ids = np.concatenate(ids).astype(np.int64)
-            if self.kind == "ivf-flat":  # the codes are the float32 vectors themselves
-                vecs = np.concatenate(codes).view(np.float32).reshape(-1, self.dim)
-            else:  # sa_decode takes "list number (little-endian, coarse_code_size bytes) + code" per vector
-                vecs = self.index.sa_decode(np.concatenate(codes))
-            ids.clear()
-            codes.clear()
-            return block_ids, np.ascontiguousarray(vecs, np.float32)
-
-        for lst, n in self._lists():
-            ids.append(faiss.rev_swig_ptr(invlists.get_ids(lst), n).copy())
-            c = faiss.rev_swig_ptr(invlists.get_codes(lst), n * code_size).reshape(n, code_size)
-            if self.kind != "ivf-flat":
-                prefix = np.frombuffer(np.int64(lst).astype("<i8").tobytes()[:coarse], np.uint8)
-                c = np.concatenate([np.broadcast_to(prefix, (n, coarse)), c], axis=1)
-            codes.append(c.copy())
-            count += n
-            if count >= block:
-                yield flush()
-                count = 0
-        if ids:
-            yield flush()
+        return self._kind.iter_vectors(self.index, block)
 
     def all_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """Every (id, vector) held: (N,) int64 and (N, D) float32 (see `iter_vectors`: lossy kinds give
@@ -456,28 +270,18 @@ class VectorIndex:
         return (np.concatenate([b[0] for b in blocks]),
                 np.ascontiguousarray(np.concatenate([b[1] for b in blocks]), np.float32))
 
-    def rebuilt_as(self, kind: str, extra: tuple[np.ndarray, np.ndarray] | None = None) -> "VectorIndex":
-        """A new index of `kind` ("flat", "hnsw" or one of `IVF_KINDS`) with this one's vectors plus `extra`
-        (vectors, ids); an IVF kind is trained on all of them (a sample, see `build_from_blocks`).
-
-        The vectors come from `iter_vectors`: when this index is lossy (ivf-sq8, ivf-pq), the new one is
-        built from its reconstructions, not from the vectors first added, so it holds (and, for an IVF
-        kind, is trained on) approximations; quantizing them again adds the new kind's error on top.
-        Converting to "flat" then gives exact search over approximate vectors. To rebuild without that
-        loss, keep the original vectors elsewhere and use `from_vectors`. `extra` is always exact.
-        """
-        if kind == "auto":
-            raise ValueError("rebuilt_as needs a concrete kind: resolve 'auto' with choose_kind")
-        extras = []
-        if extra is not None:
-            extras = [(_check(extra[0], self.dim), _check_ids(extra[1], len(extra[0])))]
-        return self.grown_as(kind, lambda: ((v, i) for v, i in extras), sum(len(e[1]) for e in extras))
-
     def grown_as(self, kind: str, more: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
                  n_more: int) -> "VectorIndex":
-        """A new index of `kind` holding this one's vectors and then the (vectors, ids) blocks that
-        `more()` yields (`n_more` vectors in all; `more` is called twice for an IVF kind). Memory: the new
-        index plus one block and the training sample; this index is left unchanged."""
+        """A new index of `kind` ("flat", "hnsw" or one of `IVF_KINDS`) holding this one's vectors and then
+        the ((m, D) vectors, (m,) ids) blocks that `more()` yields (`n_more` vectors in all; `more` is called
+        twice for an IVF kind, which is trained on a sample of all of them, see `build_from_blocks`).
+        Memory: the new index plus one block and the training sample; this index is left unchanged.
+
+        This index's vectors come from `iter_vectors`: when it is lossy (ivf-sq8, ivf-pq), the new one
+        holds (and, for an IVF kind, is trained on) its reconstructions, not the vectors first added, and
+        quantizing them again adds the new kind's error on top. To rebuild without that loss, keep the
+        original vectors elsewhere and use `from_vectors`. The vectors from `more` are always exact.
+        """
         def blocks():
             for ids, vectors in self.iter_vectors():
                 yield vectors, ids
@@ -500,6 +304,7 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: str | Path) -> "VectorIndex":
+        """The index saved at `path`, its kind recognised from the faiss types in the file."""
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
@@ -518,8 +323,8 @@ def build_from_blocks(kind: str, dim: int, n: int,
     (one pass through `blocks()` gathers it), then filled (a second pass): the same index as
     `create(kind, dim, all_vectors)` followed by one add of all of them.
     """
-    nlist = ivf_lists_for(n) if kind in IVF_KINDS else None
-    if kind in IVF_KINDS:
+    if strategy(kind).needs_training:
+        nlist = ivf_lists_for(n)
         pick = sample_positions(n, training_count(kind, nlist))
         sample, seen = [], 0
         for vectors, _ in blocks():

@@ -5,6 +5,8 @@ import base64
 import hashlib
 import json
 import shutil
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from realdata import PIPED, needs_piped, piped_test
 from simsearch import Engine
-from simsearch.report import query_record
+from simsearch.records import query_record
 from simsearch.server.app import ServerSettings, create_app
 
 pytestmark = needs_piped
@@ -294,21 +296,39 @@ def test_changes_made_outside_the_server_are_seen_at_the_next_request(writable, 
 def test_queries_during_writes_never_mix_a_bank_with_another_banks_threshold(writable):
     client, directory = writable
     defects = piped_test("impurity")[:4]
+    writing_done = threading.Event()
+    answers = []  # (started, finished, record)
 
-    def ask(i: int) -> dict:
-        return query(client, defects[i % len(defects)])[0]
+    def ask_until_the_writer_is_done(worker: int) -> None:
+        i = worker
+        while not writing_done.is_set():
+            started = time.monotonic()
+            record = query(client, defects[i % len(defects)])[0]
+            answers.append((started, time.monotonic(), record))
+            i += 2
 
-    with ThreadPoolExecutor(4) as pool:
-        answers = pool.map(ask, range(24))
-        with Engine.open(directory) as writer:
-            writer.add([str(piped_test("good")[3])])
-            writer.calibrate()
-            writer.add([str(piped_test("good")[4])])
-        answers = list(answers)
+    with ThreadPoolExecutor(2) as pool:
+        workers = [pool.submit(ask_until_the_writer_is_done, w) for w in range(2)]
+        while not answers:  # the readers are at work before the writer starts
+            time.sleep(0.05)
+        write_started = time.monotonic()
+        try:
+            with Engine.open(directory) as writer:
+                writer.add([str(piped_test("good")[3])])
+                writer.calibrate()
+                writer.add([str(piped_test("good")[4])])
+        finally:
+            write_finished = time.monotonic()
+            writing_done.set()
+        for w in workers:
+            w.result()
     with Engine.open(directory) as engine:
         with engine.catalog.engine.connect() as conn:
             calibrated_on = dict(conn.exec_driver_sql("SELECT id, generation FROM calibrations").all())
-    for record in answers:
+    overlapping = [r for started, finished, r in answers if started < write_finished and finished > write_started]
+    assert overlapping, "no query ran while the writer worked"
+    assert len({r["generation"] for _, _, r in answers}) >= 2  # the readers saw the bank move on
+    for _, _, record in answers:
         if record["is_anomalous"] is None:
             assert record["threshold"] is None and "calibrate" in record["warning"]
         else:

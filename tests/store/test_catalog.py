@@ -14,7 +14,8 @@ from sqlalchemy.exc import IntegrityError
 
 from simsearch.config import IndexConfig
 from simsearch.store import catalog as catalog_module
-from simsearch.store.catalog import Catalog, SchemaError, metadata
+from simsearch.errors import CatalogError
+from simsearch.store.catalog import Catalog, metadata
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ def test_newer_schema_is_refused(tmp_path, cat):
     cat.close()
     with sqlite3.connect(tmp_path / "meta.sqlite") as db:
         db.execute("UPDATE alembic_version SET version_num = 'ffff'")
-    with pytest.raises(SchemaError, match="newer") as info:
+    with pytest.raises(CatalogError, match="newer") as info:
         Catalog(tmp_path / "meta.sqlite")
     assert "ffff" in str(info.value)
     assert _revision(tmp_path / "meta.sqlite") == [("ffff",)]  # left as it was
@@ -91,7 +92,7 @@ def test_random_bytes_are_refused(tmp_path):
     path = tmp_path / "meta.sqlite"
     data = np.random.default_rng(0).bytes(8192)
     path.write_bytes(data)
-    with pytest.raises(SchemaError, match="not a usable simsearch database") as info:
+    with pytest.raises(CatalogError, match="not a usable simsearch database") as info:
         Catalog(path)
     assert str(path) in str(info.value)
     assert path.read_bytes() == data  # not overwritten

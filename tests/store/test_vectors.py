@@ -143,7 +143,7 @@ def test_float64_input_is_accepted():
 
 def test_ivf_recall_against_flat(clustered):
     data, ids, queries = clustered
-    ivf = VectorIndex.ivf_flat(data)
+    ivf = VectorIndex.create("ivf-flat", DIM, data)
     assert ivf.kind == "ivf-flat"
     nlist = ivf.index.nlist
     assert nlist == ivf_lists_for(len(data))
@@ -166,7 +166,7 @@ def test_ivf_recall_against_flat(clustered):
 
 def test_ivf_remove(clustered):
     data, ids, _ = clustered
-    ivf = VectorIndex.ivf_flat(data)
+    ivf = VectorIndex.create("ivf-flat", DIM, data)
     ivf.add(data, ids)
     gone = ids[:500]
     assert ivf.remove(gone) == 500
@@ -180,7 +180,7 @@ def test_ivf_remove(clustered):
 
 
 def test_ivf_nprobe_setter_clamps_and_flat_ignores():
-    ivf = VectorIndex.ivf_flat(_clustered(2000), nlist=16)
+    ivf = VectorIndex.create("ivf-flat", DIM, _clustered(2000), nlist=16)
     ivf.nprobe = 0
     assert ivf.nprobe == 1
     ivf.nprobe = 5
@@ -235,17 +235,17 @@ def test_all_vectors_of_empty_indexes(trained, kind):
     assert trained(kind).ids().shape == (0,)
 
 
-def test_rebuilt_as_keeps_all_ids(clustered):
+def test_grown_as_keeps_all_ids(clustered):
     data, ids, queries = clustered
     flat = VectorIndex.flat(DIM)
     flat.add(data[:5000], ids[:5000])
-    ivf = flat.rebuilt_as("ivf-flat", extra=(data[5000:], ids[5000:]))
+    ivf = flat.grown_as("ivf-flat", _blocks(data[5000:], ids[5000:], 700), len(data) - 5000)
     assert ivf.kind == "ivf-flat" and ivf.ntotal == len(data)
     got, vecs = ivf.all_vectors()
     order = np.argsort(got)
     np.testing.assert_array_equal(got[order], ids)
     np.testing.assert_array_equal(vecs[order], data)
-    back = ivf.rebuilt_as("flat")
+    back = ivf.grown_as("flat", lambda: iter(()), 0)
     assert back.kind == "flat"
     full = VectorIndex.flat(DIM)
     full.add(data, ids)
@@ -265,7 +265,7 @@ def test_ids_lists_every_id_without_vectors():
     rng = np.random.default_rng(1)
     vecs = rng.standard_normal((3000, 8)).astype(np.float32)
     ids = rng.permutation(10_000)[:3000].astype(np.int64)
-    for index in (VectorIndex.flat(8), VectorIndex.ivf_flat(vecs, nlist=16)):
+    for index in (VectorIndex.flat(8), VectorIndex.create("ivf-flat", 8, vecs, nlist=16)):
         index.add(vecs, ids)
         index.remove(ids[:10])
         assert sorted(index.ids().tolist()) == sorted(ids[10:].tolist())
@@ -482,22 +482,22 @@ def test_create_needs_training_vectors_and_a_concrete_kind():
     assert small.kind == "flat" and sorted(small.ids().tolist()) == list(range(100))
 
 
-def test_rebuilt_as_from_a_lossy_index_carries_its_approximations(clustered):
+def test_grown_as_from_a_lossy_index_carries_its_approximations(clustered):
     data, ids, queries = clustered
     flat = VectorIndex.flat(DIM)
     flat.add(data[:5000], ids[:5000])
-    sq8 = flat.rebuilt_as("ivf-sq8", extra=(data[5000:], ids[5000:]))
+    sq8 = flat.grown_as("ivf-sq8", _blocks(data[5000:], ids[5000:], 700), len(data) - 5000)
     assert sq8.kind == "ivf-sq8" and sq8.ntotal == len(data)
     sq8_ids, sq8_vecs = sq8.all_vectors()
-    back = sq8.rebuilt_as("flat")
+    back = sq8.grown_as("flat", lambda: iter(()), 0)
     assert back.kind == "flat" and not back.lossy
     back_ids, back_vecs = back.all_vectors()
     np.testing.assert_array_equal(back_ids, sq8_ids)
     np.testing.assert_array_equal(back_vecs, sq8_vecs)  # the reconstructions, not the vectors first added
     order = np.argsort(back_ids)
     assert not np.array_equal(back_vecs[order], data)
-    with pytest.raises(ValueError, match="concrete kind"):
-        flat.rebuilt_as("auto")
+    with pytest.raises(ValueError, match="unknown index kind 'auto'"):  # a concrete kind: see choose_kind
+        flat.grown_as("auto", lambda: iter(()), 0)
 
 
 # -- building from blocks (the add's bounded-memory path) -----------------------------------------------------
@@ -536,11 +536,11 @@ def test_iter_vectors_blocks_make_up_all_vectors(clustered, kind):
     assert sorted(all_ids.tolist()) == sorted(ids[:3000].tolist())
 
 
-def test_grown_as_equals_rebuilt_as_and_leaves_the_old_index(clustered):
+def test_grown_as_equals_from_vectors_and_leaves_the_old_index(clustered):
     data, ids, _ = clustered
     flat = VectorIndex.from_vectors("flat", data[:2000], ids[:2000])
     extra = (data[2000:5000], ids[2000:5000])
-    rebuilt = flat.rebuilt_as("ivf-sq8", extra=extra)
+    rebuilt = VectorIndex.from_vectors("ivf-sq8", data[:5000], ids[:5000])
     grown = flat.grown_as("ivf-sq8", _blocks(*extra, 1000), 3000)
     assert faiss.serialize_index(grown.index).tobytes() == faiss.serialize_index(rebuilt.index).tobytes()
     assert flat.ntotal == 2000 and grown.ntotal == 5000
@@ -588,3 +588,82 @@ def test_typical_spread_is_recomputed_after_a_remove_or_add():
     assert index.typical_spread(neighbours=2) == pytest.approx(2.0)
     index.add(points[::2] + 0.0, np.arange(0, 20, 2))  # back again
     assert index.typical_spread(neighbours=2) == pytest.approx(1.0)
+
+
+# -- clone, nlist, kinds as strategies ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_clone_is_independent_of_the_original(clustered, trained, kind):
+    data, ids, queries = clustered
+    index = trained(kind)
+    index.add(data[:4000], ids[:4000])
+    index.nprobe = 7
+    index.reconstruct(ids[:3])  # an IVF index now has its id -> list map: the clone gets its own
+    before = index.search(queries, k=3), sorted(index.ids().tolist())
+    copy = index.clone()
+    assert copy.kind == kind and copy.nprobe == index.nprobe and copy.nlist == index.nlist
+    assert copy.ntotal == 4000 and copy.index is not index.index
+    copy.add(data[4000:], ids[4000:])
+    assert copy.remove(ids[:1000]) == 1000
+    copy.nprobe = 3
+    assert copy.ntotal == len(data) - 1000 and index.ntotal == 4000
+    assert index.nprobe == (None if kind == "flat" else 7)
+    assert sorted(index.ids().tolist()) == before[1] and sorted(copy.ids().tolist()) == sorted(ids[1000:].tolist())
+    after = index.search(queries, k=3)
+    np.testing.assert_array_equal(after[1], before[0][1])
+    np.testing.assert_array_equal(after[0], before[0][0])
+    np.testing.assert_array_equal(copy.reconstruct(ids[1000:1003]), index.reconstruct(ids[1000:1003]))
+    with pytest.raises(KeyError):
+        copy.reconstruct(ids[:1])
+    index.remove(ids[3000:4000])  # and the other way round
+    assert copy.ntotal == len(data) - 1000
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_nlist_is_the_number_of_inverted_lists(trained, kind):
+    index = trained(kind)
+    if kind in IVF_KINDS:
+        trained_on = 3000 if kind == "ivf-pq" else 6000  # see the `trained` fixture
+        assert index.nlist == faiss.extract_index_ivf(index.index).nlist == ivf_lists_for(trained_on)
+        assert isinstance(index.nlist, int)
+    else:
+        assert index.nlist is None
+    assert VectorIndex.create("ivf-pq", 13, _clustered(600, dim=13), nlist=4).nlist == 4  # padded: inside a transform
+
+
+def test_a_foreign_faiss_index_is_named_by_its_faiss_type(tmp_path):
+    data = _clustered(2000)
+    lsh = faiss.IndexLSH(DIM, 32)
+    lsh.add(data)
+    fast = faiss.index_factory(DIM, "IVF16,PQ8x4fs")  # an IVF index whose class none of our kinds makes
+    fast.train(data)
+    mapped = faiss.index_factory(DIM, "IDMap2,IVF16,Flat")  # our ivf-flat, wrapped as we never do
+    mapped.train(data)
+    for raw, name in ((lsh, "IndexLSH"), (fast, "IndexIVFPQFastScan"), (mapped, "IndexIDMap2")):
+        faiss.write_index(raw, str(tmp_path / "foreign.faiss"))
+        loaded = VectorIndex.load(tmp_path / "foreign.faiss")
+        assert loaded.kind == name and loaded.kind not in KINDS and not loaded.lossy
+    assert (loaded.nprobe, loaded.nlist) == (None, None)
+    fast.add(data)
+    fast_bank = VectorIndex(fast)
+    assert fast_bank.nlist == 16 and fast_bank.nprobe == fast.nprobe
+    fast_bank.use_nprobe(None)  # no default policy imposed on a foreign index
+    assert fast_bank.nprobe == fast.nprobe
+    assert VectorIndex(lsh).search(data[:3])[1][:, 0].tolist() == [0, 1, 2]
+
+
+def test_every_kind_has_a_strategy_that_recognises_what_it_builds():
+    from simsearch.store.kinds import KIND_STRATEGIES, IndexKind, kind_of
+    from simsearch.store.vectors import LOSSY_KINDS
+    assert tuple(KIND_STRATEGIES) == KINDS[1:]
+    assert IVF_KINDS == ("ivf-flat", "ivf-sq8", "ivf-pq") and LOSSY_KINDS == ("ivf-sq8", "ivf-pq")
+    training = _clustered(3000)
+    for name in KINDS[1:]:
+        kind = KIND_STRATEGIES[name]
+        assert isinstance(kind, IndexKind) and kind.name == name
+        assert kind.needs_training == (name in IVF_KINDS) and kind.lossy == (name in LOSSY_KINDS)
+        built = kind.build(DIM, training if kind.needs_training else None, 16 if kind.needs_training else None)
+        assert kind_of(built) is kind
+        assert [other.name for other in KIND_STRATEGIES.values() if other.recognises(built)] == [name]
+        assert kind.breadth(built) == kind.default_breadth(kind.nlist(built)) == default_search_breadth(name, 16)
+    assert VectorIndex.spread_neighbours == 8 == VectorIndex.flat(DIM).spread_neighbours

@@ -1,0 +1,253 @@
+"""Ingest: adding good images to an index.
+
+An add hashes its inputs and skips duplicates, holds out a deterministic slice for calibration, decodes
+and embeds the new references (their vectors streamed to a spool file, so memory holds a block at a
+time), lets a sampler pick the vectors the bank keeps, and writes everything in one bank transaction:
+catalog rows, the next generation's bank files, then the commit. Nothing reaches the index before that
+commit; a failure or a kill before it leaves the index as it was.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .coreset import KeepAll
+from .errors import BadInput, ImageError, IndexDamaged
+from .faults import crash_point
+from .images import Image, decode, expand_paths, file_sha256, read_ahead
+from .records import AddReport, Progress
+from .store.banks import BankTransaction
+from .store.spool import VectorSpool
+from .store.vectors import IVF_KINDS, choose_kind
+
+
+@dataclass
+class NewReference:
+    """A new reference image's catalog data, its vectors waiting in the add's spool."""
+
+    row: dict  # the images row
+    boxes: list[tuple[int, int, int, int]]  # tile boxes in original pixels
+    table: np.ndarray  # (n, 5) int64 [tile, row, col, x, y] per vector, in spool order
+    pooled: np.ndarray  # (D,) float32 unit-length mean of its vectors
+
+
+def cell_rows(grid) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
+    """A PatchGrid -> tile boxes in original pixels and (N, 5) int64 [tile number, row, col, x, y] per cell."""
+    h0, w0 = grid.original_size
+    sy, sx = grid.layout.height / h0, grid.layout.width / w0
+    boxes = []
+    for (x, y, w, h) in grid.layout.tile_boxes():
+        x0, y0 = int(x / sx), int(y / sy)
+        x1, y1 = min(int(np.ceil((x + w) / sx)), w0), min(int(np.ceil((y + h) / sy)), h0)
+        boxes.append((x0, y0, max(x1 - x0, 0), max(y1 - y0, 0)))
+    hc, wc = grid.grid_shape
+    rows, cols = np.meshgrid(np.arange(hc), np.arange(wc), indexing="ij")
+    cell_boxes = grid.cell_boxes()
+    table = np.stack([grid.tile_index.ravel(), rows.ravel(), cols.ravel(),
+                      cell_boxes[..., 0].ravel(), cell_boxes[..., 1].ravel()], axis=1).astype(np.int64)
+    return boxes, table
+
+
+def pooled_vector(grid) -> np.ndarray:
+    """(Hc, Wc, D) patch vectors -> (D,) float32 unit-length mean (the image's vector for `search`)."""
+    v = grid.features.reshape(-1, grid.features.shape[-1]).mean(axis=0)
+    return (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
+
+
+def grown(txn: BankTransaction, blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n_more: int,
+          index_kind: str, nprobe: int | None, kind_policy: Callable[[str, int], str] = choose_kind) -> None:
+    """Add the (vectors, ids) blocks of `blocks()` (`n_more` vectors) to the transaction's patch bank,
+    rebuilt as another kind when its new size calls for one (`kind_policy(index_kind, n)`, the kind
+    "auto" picks for n vectors); one block in memory at a time."""
+    bank = txn.base.patches
+    kind = kind_policy(index_kind, bank.ntotal + n_more)
+    if index_kind == "auto" and bank.kind in IVF_KINDS:
+        kind = bank.kind  # an approximate bank made by an older "auto" policy keeps its kind: no surprise rebuild
+    if kind != bank.kind:
+        new = bank.grown_as(kind, blocks, n_more)
+        new.use_nprobe(nprobe)
+        txn.patches = new
+        return
+    for vectors, ids in blocks():
+        if len(ids):
+            txn.patches.add(vectors, ids)
+
+
+class Ingest:
+    """`add` for one index: `index` is the Engine (its folder, catalog, bank store and embedder).
+    `kind_policy`: the bank kind for a size (store.vectors.choose_kind; a test may set another)."""
+
+    def __init__(self, index):
+        self.index = index
+        self.kind_policy = choose_kind
+
+    def add(self, inputs: Iterable[str | os.PathLike], *, holdout: float = 0.0, coreset: float | None = None,
+            progress: Progress | None = None) -> AddReport:
+        from .coreset import sampler_for
+
+        if not 0 <= holdout < 1:
+            raise BadInput(f"holdout must be in [0, 1), got {holdout}")
+        sampler = sampler_for(coreset)
+        inputs = [os.fspath(p) for p in inputs]
+        files, skipped = expand_paths(inputs)
+        explicit = {os.path.abspath(p) for p in inputs if os.path.isfile(p)}
+        report = AddReport(skipped=list(skipped))
+        with self.index.writer_lock():
+            hashed = self._hash_new(files, explicit, report)
+            # A deterministic slice for calibration: the smallest sha256 values.
+            order = sorted(hashed)
+            n_hold = int(round(holdout * len(order)))
+            if holdout > 0 and len(order) >= 2:
+                n_hold = min(max(n_hold, 1), len(order) - 1)
+            held = set(order[:n_hold])
+            todo = [(hashed[sha], sha) for sha in sorted(hashed, key=lambda s: hashed[s])]
+            with tempfile.TemporaryDirectory(prefix="simsearch-add-") as tmp, \
+                    VectorSpool(Path(tmp) / "vectors.f32", self.index.config.feature_dim) as spool:
+                new_refs, new_held = self._embed_new(todo, held, explicit, report, spool, progress)
+                if progress:
+                    progress("writing", len(todo), len(todo))
+                report.vectors_added, report.generation = self._write(new_refs, new_held, spool, sampler)
+        return report
+
+    def _hash_new(self, files: list[str], explicit: set[str], report: AddReport) -> dict[str, str]:
+        """sha256 -> path of the files not already stored (nor repeated in this batch). The bytes are read
+        again to decode: holding every file's bytes until then would cost the whole input in memory."""
+        hashed: dict[str, str] = {}
+        for path in files:
+            try:
+                sha = file_sha256(path)
+            except OSError as exc:
+                if os.path.abspath(path) in explicit:
+                    raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+                report.skipped.append((path, f"cannot read ({exc.strerror or exc})"))
+                continue
+            if sha in hashed:
+                report.skipped.append((path, f"same image as {hashed[sha]}"))
+                continue
+            hashed[sha] = path
+        for sha, row in self.index.catalog.known_hashes(list(hashed)).items():
+            report.skipped.append((hashed.pop(sha), f"already in the index ({row['role']}: {row['path']})"))
+        return hashed
+
+    def _embed_new(self, todo: list[tuple[str, str]], held: set[str], explicit: set[str], report: AddReport,
+                   spool: VectorSpool, progress: Progress | None) -> tuple[list[NewReference], list[dict]]:
+        """Decode `todo` ((path, sha256) pairs) a few images ahead, embed the references in batches across
+        images and append their vectors to `spool`. Returns the references' catalog data (in spool order)
+        and the held-out images' rows. Unreadable files named explicitly raise; others are skipped."""
+        new_refs: list[NewReference] = []
+        new_held: list[dict] = []
+        rows: deque[dict] = deque()  # references handed to the embedder, not yet embedded
+
+        def read(item: tuple[str, str]) -> np.ndarray:
+            path, sha = item
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except OSError as exc:
+                raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise ImageError(f"{path}: changed while being added")
+            return decode(data, path)
+
+        def references():
+            for i, ((path, sha), rgb, error) in enumerate(read_ahead(todo, read)):
+                if progress:
+                    progress("embedding", i, len(todo))
+                if error is not None:
+                    if not isinstance(error, ImageError) or os.path.abspath(path) in explicit:
+                        raise error
+                    report.skipped.append((path, str(error).split(": ", 1)[-1]))
+                    continue
+                row = dict(path=os.path.abspath(path), sha256=sha, width=int(rgb.shape[1]), height=int(rgb.shape[0]),
+                           added_at=time.time())
+                if sha in held:
+                    new_held.append(row)
+                    report.held_out.append(path)
+                    continue
+                rows.append(row)
+                report.added.append(path)
+                yield Image(rgb=rgb, sha256=sha, source=path)
+
+        for grid in self.index.embedder.embed_many(references()):
+            boxes, table = cell_rows(grid)
+            spool.append(grid.features.reshape(-1, grid.features.shape[-1]))
+            new_refs.append(NewReference(rows.popleft(), boxes, table, pooled_vector(grid)))
+        return new_refs, new_held
+
+    def _write(self, new_refs: list[NewReference], new_held: list[dict], spool: VectorSpool,
+               sampler: KeepAll) -> tuple[int, int]:
+        """One transaction: catalog rows, then the bank grown from the spool (block by block), then the
+        next generation's files; its commit makes the add take effect."""
+        catalog, config = self.index.catalog, self.index.config
+        base = self.index.banks.view()
+        if not new_refs and not new_held:
+            return 0, base.generation
+        n_new = len(spool)
+        keep = np.zeros(n_new, dtype=bool)
+        if n_new:
+            # Each new vector's distance to the bank: new vectors near it are picked last (never re-reads the bank).
+            near = None
+            if base.patches.ntotal and sampler.uses_existing_distances:
+                near = np.concatenate([base.patches.search(block, 1)[0][:, 0] for block in spool.blocks()])
+            keep[sampler.select(spool.blocks, n_new, spool.dim, existing_distances=near)] = True
+        keep_masks = np.split(keep, np.cumsum([len(r.table) for r in new_refs])[:-1]) if new_refs else []
+        first_id = next_id = int(catalog.state()["next_vector_id"])
+        generation = base.generation
+        with self.index.banks.transaction(base) as txn:
+            catalog.insert_calibration_images(txn.conn, new_held)
+            pooled_ids, pooled_vecs = [], []
+            for ref, mask in zip(new_refs, keep_masks):
+                ids = np.arange(next_id, next_id + int(mask.sum()), dtype=np.int64)
+                next_id += len(ids)
+                image_id = catalog.insert_reference(txn.conn, ref.row, ref.boxes, np.column_stack([ids, ref.table[mask]]))
+                crash_point(f"catalog rows of {ref.row['path']}")
+                pooled_ids.append(image_id)
+                pooled_vecs.append(ref.pooled)
+            n_added = next_id - first_id
+            if new_refs:
+                def kept_blocks():  # the j-th kept vector got id first_id + j
+                    pos, given = 0, first_id
+                    for block in spool.blocks():
+                        mask = keep[pos:pos + len(block)]
+                        pos += len(block)
+                        n = int(mask.sum())
+                        yield block[mask], np.arange(given, given + n, dtype=np.int64)
+                        given += n
+                grown(txn, kept_blocks, n_added, config.index_kind, config.nprobe, self.kind_policy)
+                txn.images.add(np.stack(pooled_vecs), np.asarray(pooled_ids, dtype=np.int64))
+                generation = txn.publish(next_vector_id=next_id)
+        return n_added, generation
+
+def remove_images(index, refs: Iterable[str]) -> dict:
+    """Remove images by path or sha256 (prefix of >= 8 hex digits): their vectors and rows go together,
+    in one bank transaction. `index` is the Engine."""
+    refs = list(refs)
+    catalog = index.catalog
+    with index.writer_lock():
+        found, missing = catalog.find_images(refs)
+        if missing:
+            raise BadInput("not in the index: " + ", ".join(missing))
+        base = index.banks.view()
+        ref_ids = [r["id"] for r in found if r["role"] == "reference"]
+        vector_ids = np.zeros(0, np.int64)
+        generation = base.generation
+        with index.banks.transaction(base) as txn:
+            if ref_ids:
+                vector_ids = catalog.vector_ids_of(txn.conn, ref_ids)
+            catalog.delete_images(txn.conn, [r["id"] for r in found])
+            if ref_ids:
+                removed = txn.patches.remove(vector_ids)
+                if removed != len(vector_ids):
+                    raise IndexDamaged(f"the FAISS bank held {removed} of the {len(vector_ids)} vectors of these "
+                                       "images; the index needs `simsearch index repair`")
+                txn.images.remove(np.asarray(ref_ids, dtype=np.int64))
+                generation = txn.publish()
+    return {"removed": [r["path"] for r in found], "vectors_removed": int(len(vector_ids)), "generation": generation}
