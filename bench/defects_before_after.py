@@ -109,8 +109,9 @@ def defect_6(root):
     index = build(root)
     empty = root / "empty"
     empty.mkdir()
+    tree = Path(simsearch.__file__).resolve().parents[1]  # the same code in the child (-m looks in its cwd first)
     proc = subprocess.run([sys.executable, "-m", "simsearch", "calibrate", str(empty), "--index", str(index)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=tree)
     return "Traceback" in proc.stderr
 
 

@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import precision_recall_curve
 
 
 @dataclass
@@ -65,10 +64,24 @@ def f1_best_threshold(good_scores: np.ndarray, defect_scores: np.ndarray) -> tup
         raise ValueError("the F1 threshold needs at least one defective image")
     y = np.r_[np.zeros(len(good)), np.ones(len(bad))]
     s = np.r_[good, bad]
-    precision, recall, thresholds = precision_recall_curve(y, s)
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    precision, recall, thresholds = precision_recall(y, s)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     best = int(np.argmax(f1))
-    # precision_recall_curve flags score >= t; take the largest score below t so that "> t" agrees.
+    # The curve flags score >= t; take the largest score below t so that "> t" agrees.
     below = s[s < thresholds[best]]
     t = float(below.max()) if len(below) else float(thresholds[best]) - 1e-6
     return t, float(f1[best])
+
+
+def precision_recall(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N,) 0/1 labels and (N,) scores -> precision, recall and thresholds (each (T,), thresholds the distinct
+    scores, increasing) of flagging score >= threshold: scikit-learn's precision_recall_curve without its
+    final (1, 0) point, in numpy, so that calibrating needs no scikit-learn."""
+    order = np.argsort(-scores, kind="mergesort")
+    ranked, hits = scores[order], labels[order]
+    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the last position of each distinct score
+    tps = np.cumsum(hits)[last]
+    fps = last + 1 - tps
+    precision = np.where(tps + fps > 0, tps / np.maximum(tps + fps, 1), 0.0)
+    recall = tps / tps[-1] if tps[-1] else np.ones_like(tps, dtype=float)
+    return precision[::-1], recall[::-1], ranked[last][::-1]

@@ -17,15 +17,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .engine import Engine
 from .errors import BadInput, SimsearchError, exit_code
-from .images import load_image
-from .records import query_record
-from .report import write_heatmap
+from .version import __version__
+
+# The engine (faiss, OpenCV, SQLAlchemy) and the models (torch or ONNX Runtime) load inside the commands that
+# use them, so that `simsearch --help`, `--version` and the like start at once.
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects by similarity to good images.")
 index_app = typer.Typer(no_args_is_help=True, help="Build and inspect the index of good images.")
 app.add_typer(index_app, name="index")
+bundle_app = typer.Typer(no_args_is_help=True, help="Bundles: checksummed copies of an index for a line PC.")
+app.add_typer(bundle_app, name="bundle")
 
 err = Console(stderr=True, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)  # results are never re-wrapped
@@ -48,8 +50,38 @@ NprobeOpt = Annotated[Optional[int], typer.Option(help="How widely an approximat
                                                   "32), or hnsw's efSearch (default 128).")]
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def show_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"simsearch {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    log_level: Annotated[str, typer.Option(help="Messages on stderr from this level up: debug, info, warning "
+                                                "or error.")] = "info",
+):
+    """Find defects by similarity to good images."""
+    import logging
+
+    if log_level not in LOG_LEVELS:
+        fail(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}", 2)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("simsearch")
+    logger.handlers[:] = [handler]
+    logger.setLevel(log_level.upper())
+    logger.propagate = False
+
+
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    from rich.markup import escape
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)  # paths and names printed literally
     raise typer.Exit(code)
 
 
@@ -102,6 +134,8 @@ def index_add(
     as_json: JsonFlag = False,
 ):
     """Add good images to the bank (creates the index on first use)."""
+    from .engine import Engine
+
     options = {k: v for k, v in dict(backbone=backbone, weights=weights, scale=scale, short_side=short_side,
                                      tile_size=tile_size, tile_stride=tile_stride, dims=dims, index_kind=index_kind,
                                      nprobe=nprobe).items()
@@ -129,6 +163,8 @@ def index_add(
 
 def on_index(index: Path, action):
     """Open the index, run `action(engine)` and return its result; user errors become one line."""
+    from .engine import Engine
+
     with user_errors():
         with Engine.open(index) as engine:
             return action(engine)
@@ -137,7 +173,7 @@ def on_index(index: Path, action):
 @index_app.command("info")
 def index_info(index: IndexDir = Path("index"), as_json: JsonFlag = False):
     """Show the index's configuration, contents and calibration."""
-    info = on_index(index, Engine.info)
+    info = on_index(index, lambda engine: engine.info())
     if as_json:
         emit_json(info)
         return
@@ -167,7 +203,7 @@ def index_remove(refs: Annotated[list[str], typer.Argument(help="Image paths or 
 @index_app.command("check")
 def index_check(index: IndexDir = Path("index"), as_json: JsonFlag = False):
     """Compare the catalog with the FAISS files; exit 1 if they disagree. Changes nothing."""
-    report = on_index(index, Engine.check)
+    report = on_index(index, lambda engine: engine.check())
     if as_json:
         emit_json(report)
     else:
@@ -183,6 +219,8 @@ def index_check(index: IndexDir = Path("index"), as_json: JsonFlag = False):
 @index_app.command("repair")
 def index_repair(index: IndexDir = Path("index"), as_json: JsonFlag = False):
     """Make the FAISS files agree with the catalog (re-embedding from the image files where needed)."""
+    from .engine import Engine
+
     with user_errors():
         with Engine.open(index) as engine, staged_progress() as update:
             result = engine.repair(progress=update)
@@ -207,6 +245,8 @@ def calibrate(
     as_json: JsonFlag = False,
 ):
     """Choose thresholds from good images outside the bank."""
+    from .engine import Engine
+
     with user_errors():
         with Engine.open(index) as engine, staged_progress() as update:
             cal = engine.calibrate(good or None, target_fpr=target_fpr, defects=defects or None,
@@ -231,6 +271,11 @@ def query(
     as_json: JsonFlag = False,
 ):
     """Score images against the bank: verdict, score, regions and their nearest good patches."""
+    from .engine import Engine
+    from .images import load_image
+    from .records import query_record
+    from .report import write_heatmap
+
     failures = 0
     taken: set[str] = set()
     with user_errors():
@@ -249,7 +294,8 @@ def query(
                     result.heatmap = write_heatmap(result, img.rgb, heatmap_dir, result.pixel_threshold, taken)
             except SimsearchError as exc:
                 failures = max(failures, exit_code(exc))
-                err.print(f"[red]error:[/red] {exc}", highlight=False)
+                from rich.markup import escape
+                err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
                 continue
             if as_json:
                 emit_json(query_record(result))
@@ -269,6 +315,8 @@ def search(
     as_json: JsonFlag = False,
 ):
     """The reference images most similar to IMAGE overall."""
+    from .engine import Engine
+
     with user_errors():
         with Engine.open(index) as engine:
             hits = engine.search(image, top_k)
@@ -277,6 +325,40 @@ def search(
         return
     for hit in hits:
         out.print(f"{hit['similarity']:.4f}  {hit['distance']:.4f}  {hit['image']}")
+
+
+@app.command("export")
+def export_command(
+    out_dir: Annotated[Path, typer.Option("--out", help="The bundle folder to write (must not exist).")],
+    index: IndexDir = Path("index"),
+    as_json: JsonFlag = False,
+):
+    """Write a bundle: the index with its ONNX model and a manifest of checksums, for `simsearch query` on a
+    line PC without torch (see README, "Deploying to a line PC")."""
+    from . import bundle
+
+    manifest = on_index(index, lambda engine: bundle.export(engine, out_dir))
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    if as_json:
+        emit_json({"bundle": str(out_dir), **manifest})
+        return
+    out.print(f"wrote {out_dir}: {len(manifest['files'])} files, {total / 2**20:.1f} MiB, fingerprint "
+              f"{manifest['fingerprint']}, bank generation {manifest['generation']}", markup=False)
+
+
+@bundle_app.command("verify")
+def bundle_verify(bundle_dir: Annotated[Path, typer.Argument(help="The bundle folder.")], as_json: JsonFlag = False):
+    """Check every file of a bundle against its manifest; exit 3 (damaged) naming the first that differs."""
+    from . import bundle
+
+    with user_errors():
+        manifest = bundle.verify(bundle_dir)
+    if as_json:
+        emit_json({"bundle": str(bundle_dir), "ok": True, "files": len(manifest["files"]),
+                   "fingerprint": manifest["fingerprint"], "generation": manifest["generation"]})
+        return
+    out.print(f"{bundle_dir}: {len(manifest['files'])} files match the manifest (fingerprint "
+              f"{manifest['fingerprint']}, bank generation {manifest['generation']})", markup=False)
 
 
 @app.command("finetune")
@@ -305,6 +387,9 @@ def finetune_command(
     `simsearch index add GOOD... --weights OUT` on a new index."""
     from rich.progress import Progress as RichProgress
 
+    from .embedders import require_torch
+    with user_errors():
+        require_torch("`simsearch finetune`")
     from .finetune import FinetuneSettings, finetune_files
 
     embedder = {k: v for k, v in dict(scale=scale, short_side=short_side).items() if v is not None}
@@ -360,6 +445,9 @@ def eval_command(
     as_json: JsonFlag = False,
 ):
     """Measure accuracy on labelled data: a fresh index per category from train/good, every test image scored."""
+    from .embedders import require_torch
+    with user_errors():
+        require_torch("`simsearch eval`")
     from .evaluation.datasets import category_names, load_category
     from .evaluation.runner import METHODS, evaluate_category, mean_row
     from .report import eval_table_rows, markdown_table, write_eval_report
@@ -428,6 +516,8 @@ def serve(
     workers: Annotated[int, typer.Option(help="Worker processes (each loads each model once).")] = 1,
 ):
     """Serve indexes over HTTP (API under /v1, OpenAPI at /docs) with the inspection dashboard at /dashboard/."""
+    from .engine import Engine
+
     try:
         from .server.app import ServerSettings
         from .server.app import serve as run_server

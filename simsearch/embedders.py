@@ -8,10 +8,15 @@
 - `check_compatible`: refuse options that name another embedder than an existing index's.
 
 Everything that loads a model goes through here; the rest of the engine only sees the `Embedder`
-interface (`config`, `dim`, `embed`, `embed_many`).
+interface (`config`, `dim`, `embed`, `embed_many`; simsearch/embedding.py).
+
+Which runtime runs the network: ONNX Runtime wherever it is installed (the index's ONNX model, exported
+from its torch model once and stored in its weights/ folder), torch otherwise, or for a network that does
+not export. `SIMSEARCH_RUNTIME=torch` (or `onnx`) forces one.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +25,38 @@ from .config import DEFAULT_BACKBONE, IndexConfig
 from .errors import BadInput, EmbedderMismatch, IndexDamaged
 
 BUILT_IN_SOURCES = ("embedded", "hub")
+RUNTIMES = ("auto", "onnx", "torch")
+TORCH_INSTALL = "pip install 'simsearch[torch]'"
+log = logging.getLogger("simsearch")
+
+
+def runtime_choice() -> str:
+    choice = os.environ.get("SIMSEARCH_RUNTIME", "auto")
+    if choice not in RUNTIMES:
+        raise BadInput(f"SIMSEARCH_RUNTIME must be one of {', '.join(RUNTIMES)}, got {choice!r}")
+    return choice
+
+
+def require_torch(what: str) -> None:
+    """A one-line error where torch is needed but not installed."""
+    try:
+        import timm  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        raise BadInput(f"{what} needs torch and timm, which this install lacks: {TORCH_INSTALL}") from None
+
+
+def for_inference(directory: Path, torch_embedder) -> "Embedder":  # noqa: F821
+    """The embedder an index answers with: its ONNX model where ONNX Runtime is installed (exported from
+    `torch_embedder` now if the index has none yet), else `torch_embedder`."""
+    from .onnx_embedder import onnxruntime_available
+
+    choice = runtime_choice()
+    if choice == "torch" or not onnxruntime_available():
+        return torch_embedder
+    from .onnx_export import onnx_for
+    log.info("exporting %s to ONNX for this index (once)", torch_embedder.config.backbone)
+    return onnx_for(torch_embedder, directory, log)
 
 
 @dataclass
@@ -52,6 +89,7 @@ def base_embedder(backbone: str | None = None, weights: str | None = None,
 
     `weights`: None (embedded if shipped, else the hub), "embedded", "hub", or a backbone weights file.
     """
+    require_torch("building an embedder from a timm model")
     from .backbones import EMBEDDED, build_backbone, layers_for_strides
 
     backbone = backbone or DEFAULT_BACKBONE
@@ -77,9 +115,12 @@ def base_embedder(backbone: str | None = None, weights: str | None = None,
 
 def split_head(weights: str | None, head: str | os.PathLike | None) -> tuple[str | None, str | os.PathLike | None]:
     """A `weights` file whose safetensors metadata marks it as a head is the head: (weights, head)."""
-    from .heads import is_head_file
+    if weights in (None, *BUILT_IN_SOURCES):
+        return weights, head
+    from .headfile import HEAD_KIND, read_metadata
 
-    if weights not in (None, *BUILT_IN_SOURCES) and is_head_file(weights):
+    metadata = read_metadata(weights)
+    if metadata is not None and metadata.get("simsearch_kind") == HEAD_KIND:
         if head is not None:
             raise BadInput(f"{weights} is a fine-tuned head, and a head was given too; give one")
         return None, weights
@@ -90,7 +131,9 @@ def resolve_new(backbone: str | None = None, weights: str | None = None, head: s
                 **settings) -> NewEmbedder:
     """The embedder of a new index. Settings not given are the head's base ones; given ones that differ
     from them are refused. `settings`: any IndexConfig field."""
-    from .heads import check_base, load_head
+    require_torch("building a new index's embedder")
+    from .headfile import check_base
+    from .heads import load_head
 
     weights, head = split_head(weights, head)
     head_module = head_info = None
@@ -128,8 +171,26 @@ def given_embedder(embedder, **search_settings) -> NewEmbedder:
 
 
 def load_for_index(directory: Path, config: IndexConfig) -> "Embedder":  # noqa: F821
-    """The embedder an index was built with, from its stored configuration and weights/ folder; weights
-    and head must hash to what the configuration recorded."""
+    """The embedder an index was built with: its stored ONNX model where ONNX Runtime is installed (checked
+    against its hash and the fingerprint), else (or with SIMSEARCH_RUNTIME=torch) the torch model from its
+    configuration and weights/ folder, whose weights and head must hash to what the configuration recorded."""
+    choice = runtime_choice()
+    if choice != "torch":
+        from .onnx_embedder import OnnxEmbedder, onnxruntime_available
+        if onnxruntime_available():
+            stored = OnnxEmbedder.for_index(directory, config)
+            if stored is not None:
+                log.info("embedder: %s (ONNX Runtime)", stored.model_file.name)
+                return stored
+        elif choice == "onnx":
+            raise BadInput("SIMSEARCH_RUNTIME=onnx, but onnxruntime is not installed: pip install onnxruntime")
+    require_torch(f"{directory} has no ONNX model yet, and loading its {config.backbone} model")
+    log.info("loading %s (torch)", config.backbone)
+    return for_inference(directory, load_torch(directory, config))
+
+
+def load_torch(directory: Path, config: IndexConfig) -> "Embedder":  # noqa: F821
+    """The index's torch embedder, from its configuration and weights/ folder (hashes checked)."""
     from .backbones import build_backbone
     from .features import Embedder
     from .heads import load_head
@@ -165,7 +226,7 @@ def check_compatible(config: IndexConfig, where: Path, backbone: str | None = No
         differences.append(f"backbone {backbone} (index: {config.backbone})")
     weights, head = split_head(weights, head)
     if head is not None:
-        from .heads import read_head_info
+        from .headfile import read_head_info
         info = read_head_info(head)
         if not config.head_sha256:
             differences.append(f"fine-tuned head {head} (index: the frozen embedder)")

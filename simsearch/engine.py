@@ -20,6 +20,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Iterable
@@ -79,7 +80,7 @@ class Engine:
         used instead of resolving one from the options; its configuration is the index's (the search
         settings among `settings` still apply).
         """
-        from .embedders import given_embedder, resolve_new
+        from .embedders import for_inference, given_embedder, resolve_new
         from .images import file_sha256
 
         folder = IndexFolder(directory)
@@ -107,15 +108,22 @@ class Engine:
         os.replace(tmp_db, folder.db_path)
         fsync_directory(folder.directory)
         engine = cls(folder.directory, Catalog(folder.db_path), config)
-        engine._embedder = new.embedder(config)
+        model = new.embedder(config)
+        engine._embedder = model if embedder is not None else for_inference(folder.directory, model)
         return engine
 
     @classmethod
     def open(cls, directory: str | os.PathLike) -> "Engine":
+        """An existing index, or a bundle (verified against its manifest before anything is read)."""
+        from .bundle import is_bundle, verify
+
         folder = IndexFolder(directory)
         if not folder.exists():
             raise IndexMissing(f"no index in {folder.directory} (run `simsearch index add` to create one)")
-        catalog = Catalog(folder.db_path)
+        bundle = is_bundle(folder.directory)
+        if bundle:
+            verify(folder.directory)
+        catalog = Catalog(folder.db_path, wal=not bundle)
         try:
             stored = catalog.read_config()
             if stored is None:
@@ -194,10 +202,18 @@ class Engine:
         """The committed bank generation."""
         return int(self.catalog.state()["generation"])
 
+    @contextlib.contextmanager
     def writer_lock(self, clean: bool = True):
-        """The index's writer lock (a context manager); `clean` deletes strays of killed writers once held."""
-        return self.folder.writer_lock(
-            (lambda: self.catalog.state()["generation"]) if clean else None)
+        """The index's writer lock (a context manager); `clean` deletes strays of killed writers once held.
+        A bundle is sealed again before the lock is released (its manifest names the files as written)."""
+        from .bundle import is_bundle, seal
+
+        with self.folder.writer_lock((lambda: self.catalog.state()["generation"]) if clean else None):
+            try:
+                yield
+            finally:
+                if is_bundle(self.directory):
+                    seal(self.directory, self.config.fingerprint, self.generation)
 
     # -- writing ------------------------------------------------------------------------------
     def add(self, inputs: Iterable[str | os.PathLike], *, holdout: float = 0.0, coreset: float | None = None,

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BadInput, HeadError
-from .heads import HeadInfo, ProjectionHead, save_head
+from .headfile import HeadInfo
+from .heads import ProjectionHead, save_head
 from .synthetic import KINDS, random_defect
 
 LOSSES = ("triplet", "softmax")
@@ -358,8 +359,8 @@ def finetune_files(goods: Sequence[str], out: str | os.PathLike, *, defects: Seq
         if mask.any():  # a "defective" image with an empty mask teaches nothing about where
             real.append((image, mask))
     embedder = Embedder(config, net)
-    trained = train_head(good_images, embedder.embed_tiles, config.feature_dim, config.patch_stride, settings,
-                         real, progress)
+    features = lambda tiles: torch.from_numpy(embedder.embed_tiles(tiles))  # noqa: E731 - train_head takes tensors
+    trained = train_head(good_images, features, config.feature_dim, config.patch_stride, settings, real, progress)
     training = {**asdict(settings), "kinds": list(settings.kinds), "images": len(good_images),
                 "real_defect_images": len(real), "final_loss": trained.losses[-1] if trained.losses else None}
     info = save_head(out, trained.head, config, config.weights, training)

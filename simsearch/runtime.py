@@ -13,32 +13,34 @@ thread from taking the time slice that the working one needs; see docs/benchmark
 from __future__ import annotations
 
 import os
+import sys
 
 from .errors import BadInput
 
 
 def thread_count() -> int:
-    """Threads for torch and faiss: SIMSEARCH_THREADS, else torch's current setting."""
+    """Threads for the network (torch or ONNX Runtime) and faiss: SIMSEARCH_THREADS, else torch's current
+    setting where torch is loaded, else the CPUs this process may run on."""
     value = os.environ.get("SIMSEARCH_THREADS")
     if value:
         n = int(value)
         if n < 1:
             raise BadInput(f"SIMSEARCH_THREADS must be >= 1, got {value!r}")
         return n
-    import torch
-    return int(torch.get_num_threads())
+    torch = sys.modules.get("torch")  # only where something already loaded it (None: hidden)
+    if torch is not None:
+        return int(torch.get_num_threads())
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def configure_threads(n: int | None = None) -> int:
-    """Give torch and faiss the same number of threads (`n`, default `thread_count()`); returns it.
-
-    Cheap and idempotent: called whenever an Engine creates or loads its embedder.
-    """
+    """Give torch (where it is loaded) and faiss the same number of threads (`n`, default `thread_count()`);
+    returns it. Cheap and idempotent: called whenever an Engine creates or loads its embedder."""
     import faiss
-    import torch
 
     n = int(n or thread_count())
-    if torch.get_num_threads() != n:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != n:
         torch.set_num_threads(n)
     if faiss.omp_get_max_threads() != n:
         faiss.omp_set_num_threads(n)

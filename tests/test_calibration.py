@@ -95,3 +95,20 @@ def test_f1_when_every_image_must_be_flagged():
 def test_f1_needs_defects():
     with pytest.raises(ValueError, match="defective"):
         f1_best_threshold(np.array([1.0, 2.0]), np.array([]))
+
+
+def test_precision_recall_equals_scikit_learns_curve():
+    from sklearn.metrics import precision_recall_curve
+
+    from simsearch.calibration import precision_recall
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n = int(rng.integers(2, 60))
+        labels = rng.integers(0, 2, n)
+        labels[0], labels[-1] = 0, 1
+        scores = np.round(rng.normal(size=n), 1 if trial % 2 else 6)  # ties in half the trials
+        p, r, t = precision_recall(labels, scores)
+        sp, sr, st = precision_recall_curve(labels, scores)
+        np.testing.assert_allclose(p, sp[:-1])
+        np.testing.assert_allclose(r, sr[:-1])
+        np.testing.assert_array_equal(t, st)

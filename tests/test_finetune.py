@@ -13,7 +13,8 @@ from simsearch.config import IndexConfig
 from simsearch.errors import HeadError
 from simsearch.finetune import (FinetuneSettings, cell_coverage, finetune_files, nuisance, sample_batch, softmax_loss,
                                 triplet_loss)
-from simsearch.heads import ProjectionHead, check_base, is_head_file, load_head, read_head_info
+from simsearch.headfile import check_base, is_head_file, read_head_info
+from simsearch.heads import ProjectionHead, load_head
 
 TINY = dict(steps=3, batch=2, crop=64, anchors_per_step=64)
 
@@ -138,7 +139,8 @@ def frozen_features(lite1_backbone):
     from simsearch.features import Embedder
 
     config = IndexConfig(feature_dim=sum(lite1_backbone.channels), weights_sha256=lite1_backbone.weights_sha256)
-    return Embedder(config, lite1_backbone).embed_tiles
+    embedder = Embedder(config, lite1_backbone)
+    return lambda tiles: torch.from_numpy(embedder.embed_tiles(tiles))
 
 
 @needs_piped

@@ -87,10 +87,12 @@ calibrations = Table(
 Index("ix_images_role", images.c.role)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection, _record, wal: bool = True) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+    # WAL: readers do not block the writer. A bundle keeps a rollback journal instead: every commit then
+    # lands in meta.sqlite itself, so the file its manifest hashes is the whole catalog.
+    cursor.execute("PRAGMA journal_mode=WAL" if wal else "PRAGMA journal_mode=DELETE")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
 
@@ -121,10 +123,10 @@ def migrate(engine: Engine) -> None:
 
 
 class Catalog:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, wal: bool = True):
         self.path = Path(path)
         self.engine = create_engine(f"sqlite:///{self.path}", future=True)
-        event.listen(self.engine, "connect", _sqlite_pragmas)
+        event.listen(self.engine, "connect", lambda conn, record: _sqlite_pragmas(conn, record, wal))
         try:
             migrate(self.engine)
         except CatalogError:
