@@ -80,6 +80,15 @@ class OnnxEmbedder(TileEmbedder):
         if sidecar.get("fingerprint") != config.fingerprint:
             raise EmbedderMismatch(f"{model_file} was exported for fingerprint {sidecar.get('fingerprint')}, the "
                                    f"index has {config.fingerprint}")
+        for name, sha in sidecar.get("sources", {}).items():  # the weights / head files it was made from
+            source = Path(directory) / name
+            if not source.is_file():
+                raise IndexDamaged(f"{source}: the index's {'head' if name == config.head else 'weights'} file "
+                                   "is missing")
+            if file_sha256(source) != sha:
+                what = "head" if name == config.head else "weights"
+                raise EmbedderMismatch(f"{source} is not the {what} this index was built with (its ONNX model was "
+                                       "exported from another file)")
         return cls(config, model_file)
 
     @property

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .features import Embedder, patch_features
+from .images import file_sha256
 from .onnx_embedder import INPUT, OUTPUT, OnnxEmbedder, write_model
 
 TOLERANCE = 1e-4  # largest |onnx - torch|, as a share of the largest |torch| activation
@@ -84,7 +85,11 @@ def export(embedder: Embedder, directory: Path) -> dict:
         raise ExportMismatch(f"the ONNX model differs from torch by up to {worst:.3g} (activations up to "
                              f"{largest:.3g}); tolerance {TOLERANCE:g} of the largest")
     import onnxruntime
-    description = {"fingerprint": embedder.config.fingerprint, "input": INPUT, "output": OUTPUT,
+    config = embedder.config
+    # The index's own weights and head files it was exported from, by content: a file replaced later is noticed.
+    sources = {name: file_sha256(Path(directory) / name) for name in (config.weights, config.head)
+               if name and (Path(directory) / name).is_file()}
+    description = {"fingerprint": config.fingerprint, "input": INPUT, "output": OUTPUT, "sources": sources,
                    "checked_shapes": [list(s) for s in shapes], "max_abs_diff": worst, "max_abs_activation": largest,
                    "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
     write_model(directory, model_bytes, description)

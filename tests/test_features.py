@@ -166,8 +166,8 @@ def test_embedder_dims_and_stride_check(lite1_backbone):
 # -- batching across images -------------------------------------------------------------------------------
 
 def test_embed_many_matches_embed_per_image_and_keeps_order(lite1_backbone, monkeypatch):
-    import simsearch.features as features
-    monkeypatch.setattr(features, "MAX_WAITING", 2)
+    import simsearch.embedding as embedding
+    monkeypatch.setattr(embedding, "MAX_WAITING", 2)
     embedder = Embedder(IndexConfig(tile_size=64, tile_stride=48, context_margin=16), lite1_backbone)
     # Mixed sizes: 20x20 (52 px framed, padded to 64) is one 64 px tile; batches of 3 tiles mix images,
     # and waiting images are flushed by the (lowered) bound.
