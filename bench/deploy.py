@@ -121,6 +121,54 @@ def step_startup(rounds: int = 10) -> dict:
 
 
 STEPS = {"equality": step_equality, "forward": step_forward, "startup": step_startup}
+SECTION = "## Deploying to a line PC"
+
+
+def section() -> str:
+    """The docs/benchmarks.md section, from the cached steps."""
+    lines = [SECTION, "", "`.venv/bin/python bench/deploy.py` (steps cached in bench/.cache/deploy/; "
+             "`--write-docs` rewrites this section from them).", ""]
+    eq = CACHE / "equality.json"
+    if eq.exists():
+        rows = json.loads(eq.read_text())
+        lines += ["Equality, torch against ONNX Runtime, each runtime end to end (its own index from train/good, a "
+                  "quarter held out, calibrated; every test image queried; Magnetic Tile: every 4th train and test "
+                  "image):", "",
+                  "| category | test images | same verdicts | max rel. score diff | image AUROC torch | image AUROC onnx "
+                  "| max abs vector diff (of max abs) | seconds torch / onnx |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            lines.append(f"| {name} | {r['test']} | {'yes' if r['same_verdicts'] else 'no (%d)' % r['verdict_differences']} "
+                         f"| {r['max_rel_score_diff']:.1e} | {r['torch_auroc']:.4f} | {r['onnx_auroc']:.4f} "
+                         f"| {r['vector_max_abs_diff']:.1e} ({r['vector_max_abs']:.1f}) "
+                         f"| {r['torch_seconds']:.0f} / {r['onnx_seconds']:.0f} |")
+        lines.append("")
+    fw = CACHE / "forward.json"
+    if fw.exists():
+        r = json.loads(fw.read_text())
+        lines += [f"Backbone forward alone on the same tiles ({r['tiles']}, {r['threads']} threads, interleaved, "
+                  f"medians): torch eager (channels_last) {r['torch_ms']:.1f} ms, ONNX Runtime {r['onnx_ms']:.1f} ms: "
+                  f"{r['speedup']:.2f} x.", ""]
+    st = CACHE / "startup.json"
+    if st.exists():
+        r = json.loads(st.read_text())
+        m = r["median_s"]
+        lines += [f"Start-up, medians of alternated runs: `simsearch --help` {m['simsearch --help']:.2f} s, "
+                  f"`python -c \"import typer, rich\"` {m['import typer, rich']:.2f} s: ratio {r['ratio']:.2f} "
+                  "(target <= 2).", ""]
+    return "\n".join(lines)
+
+
+def write_docs() -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text()
+    new = section()
+    if SECTION in text:
+        start = text.index(SECTION)
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + new + ("\n" + text[end + 1:] if end != -1 else "\n")
+    else:
+        text = text.rstrip() + "\n\n" + new + "\n"
+    path.write_text(text)
 
 
 def main() -> None:
@@ -128,7 +176,11 @@ def main() -> None:
     parser.add_argument("--steps", nargs="+", choices=list(STEPS), default=list(STEPS))
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--write-docs", action="store_true", help="rewrite docs/benchmarks.md's section from the cache")
     args = parser.parse_args()
+    if args.write_docs:
+        write_docs()
+        return
     CACHE.mkdir(parents=True, exist_ok=True)
     for step in args.steps:
         path = CACHE / f"{step}.json"

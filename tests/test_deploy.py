@@ -147,3 +147,31 @@ def test_a_write_on_a_bundle_seals_it_again(sealed, tmp_path):
     manifest = bundle.verify(copy)
     assert manifest["generation"] == json.loads(added.stdout)["generation"]
     assert records(cli("query", good, "--index", copy, "--json"))[0]["score"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_an_onnx_model_of_other_dimensions_is_refused_before_any_verdict(sealed, tmp_path):
+    import io
+
+    import torch
+
+    from simsearch.onnx_embedder import INPUT, OUTPUT, read_sidecar, write_model
+
+    class SevenDims(torch.nn.Module):  # the right input, vectors of the wrong size
+        def forward(self, tiles):
+            x = torch.nn.functional.avg_pool2d(tiles.permute(0, 3, 1, 2), 8)
+            return torch.cat([x, x, x[:, :1]], dim=1).permute(0, 2, 3, 1)
+
+    buffer = io.BytesIO()
+    torch.onnx.export(SevenDims(), (torch.rand(1, 64, 64, 3),), buffer, input_names=[INPUT], output_names=[OUTPUT],
+                      dynamo=False, dynamic_axes={INPUT: {0: "b", 1: "h", 2: "w"}})
+    copy = tmp_path / "line"
+    shutil.copytree(sealed, copy)
+    description = {k: v for k, v in read_sidecar(copy).items() if k not in ("file", "sha256")}
+    old = copy / "weights" / read_sidecar(copy)["file"]
+    write_model(copy, buffer.getvalue(), description)
+    old.unlink()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    bundle.seal(copy, manifest["fingerprint"], manifest["generation"])  # as if the bundle had been made so
+    proc = cli("query", str(piped_test("good")[0]), "--index", copy, "--json")
+    assert proc.returncode == 1 and proc.stdout == "" and "7-dim vectors" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
