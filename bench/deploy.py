@@ -127,7 +127,12 @@ SECTION = "## Deploying to a line PC"
 def section() -> str:
     """The docs/benchmarks.md section, from the cached steps."""
     lines = [SECTION, "", "`.venv/bin/python bench/deploy.py` (steps cached in bench/.cache/deploy/; "
-             "`--write-docs` rewrites this section from them).", ""]
+             "`--write-docs` rewrites this section from them). The 2026-12-01 run shared the 2 cores with another "
+             "`simsearch eval` throughout: the seconds columns and the timings are under that load, the equality "
+             "figures are not affected by it. With 2 threads each under that load the torch forward collapsed (1573 "
+             "ms against ONNX Runtime's 92 ms, OpenMP's barriers on oversubscribed cores), so the figure below is "
+             "with `SIMSEARCH_THREADS=1`; rerun on a quiet machine for the 2-thread ratio. PA_FLR01_TL's torch seconds include the 15 minutes "
+             "the run was paused.", ""]
     eq = CACHE / "equality.json"
     if eq.exists():
         rows = json.loads(eq.read_text())
@@ -154,7 +159,8 @@ def section() -> str:
         m = r["median_s"]
         lines += [f"Start-up, medians of alternated runs: `simsearch --help` {m['simsearch --help']:.2f} s, "
                   f"`python -c \"import typer, rich\"` {m['import typer, rich']:.2f} s: ratio {r['ratio']:.2f} "
-                  "(target <= 2).", ""]
+                  "(target <= 2; not met: our own modules add about 20 ms, the rest is typer rendering its help with "
+                  "rich, `typer.rich_utils` and `rich.markdown`, which the bare import does not load).", ""]
     return "\n".join(lines)
 
 

@@ -14,8 +14,6 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from .errors import BadInput, SimsearchError, exit_code
 from .version import __version__
@@ -99,6 +97,8 @@ def user_errors():
 def staged_progress(prefix: str = ""):
     """Progress bars on stderr (only on a terminal), one per stage: update(stage, done, total), the engine's
     progress convention (records.Progress)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True, disable=not err.is_terminal) as bar:
         tasks: dict[str, int] = {}
@@ -177,6 +177,8 @@ def index_info(index: IndexDir = Path("index"), as_json: JsonFlag = False):
     if as_json:
         emit_json(info)
         return
+    from rich.table import Table
+
     table = Table(show_header=False, box=None)
     for key, value in info.items():
         if key == "config":
@@ -385,6 +387,7 @@ def finetune_command(
 ):
     """Fine-tune a projection head on good images (off by default; see README). Use it with
     `simsearch index add GOOD... --weights OUT` on a new index."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as RichProgress
 
     from .embedders import require_torch
