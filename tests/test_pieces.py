@@ -150,16 +150,16 @@ def test_4_check_reads_again_when_a_writer_replaces_the_generation_mid_check(tin
     engine, embedder, tmp = tiny
     other = reopen(tmp / "index", embedder)
     extra = write_images(tmp / "extra", [60])
-    real_load = bankfiles.load_generation
+    real_load = bankfiles.load_bank
     calls, done = [], []
 
-    def writer_commits_first(directory, generation):
+    def writer_commits_first(directory, bank, generation, record):
         if not done:  # between check's catalog snapshot and its file reads, a writer moves on
             done.append(True)
             other.add(extra)
         calls.append(generation)
-        return real_load(directory, generation)
-    monkeypatch.setattr(bankfiles, "load_generation", writer_commits_first)
+        return real_load(directory, bank, generation, record)
+    monkeypatch.setattr(bankfiles, "load_bank", writer_commits_first)
     before = engine.generation
     report = engine.check()
     other.close()
