@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -110,8 +108,8 @@ class Ingest:
                 n_hold = min(max(n_hold, 1), len(order) - 1)
             held = set(order[:n_hold])
             todo = [(hashed[sha], sha) for sha in sorted(hashed, key=lambda s: hashed[s])]
-            with tempfile.TemporaryDirectory(prefix="simsearch-add-") as tmp, \
-                    VectorSpool(Path(tmp) / "vectors.f32", self.index.config.feature_dim) as spool:
+            with self.index.folder.spool_folder() as tmp, \
+                    VectorSpool(tmp / "vectors.f32", self.index.config.feature_dim) as spool:
                 new_refs, new_held = self._embed_new(todo, held, explicit, report, spool, progress)
                 if progress:
                     progress("writing", len(todo), len(todo))

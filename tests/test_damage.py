@@ -151,3 +151,57 @@ def test_an_empty_or_foreign_meta_sqlite_is_refused_and_left_as_it_was(tiny, con
         proc = cli(*args, "--index", str(directory))
         assert proc.returncode == 3 and "not a usable simsearch database" in one_line(proc), args
     assert db.read_bytes() == before  # no schema was written into it
+
+
+# -- repair keeps what is intact ------------------------------------------------------------------------
+def test_repair_of_a_lost_images_bank_embeds_nothing_keeps_every_image_and_the_calibration(tiny, tmp_path):
+    directory, embedder, probe = tiny
+    with opened(directory, embedder) as engine:
+        hits = engine.search(probe, k=3)
+        generation = engine.generation
+        moved = engine.images("reference")[0]["path"]
+    bankfiles.bank_path(directory, "images", generation).unlink()
+    Path(moved).rename(tmp_path / "moved-away.png")  # its vectors are intact: it must stay
+    embedded = []
+    embedder.on_embed = lambda: embedded.append(1)
+    with opened(directory, embedder) as engine:
+        result = engine.repair()
+        assert result["after"]["ok"], result
+        assert embedded == []  # the bank held every vector of every image exactly
+        assert engine.info()["reference_images"] == 6
+        assert engine.generation == generation + 1
+        embedder.on_embed = None
+        assert engine.search(probe, k=3) == hits  # the same pooled vectors
+        cal, warning = engine.current_calibration()
+        assert cal is not None and warning is None and "carried over" in cal["method"]
+
+
+def test_repair_with_nothing_but_stray_files_keeps_the_generation(tiny):
+    directory, embedder, _probe = tiny
+    (directory / "patches.g999999.faiss.tmp").write_bytes(b"partial")
+    with opened(directory, embedder) as engine:
+        generation = engine.generation
+        assert engine.repair()["after"]["ok"]
+        assert engine.generation == generation and engine.current_calibration()[0] is not None
+
+
+def test_an_adds_spool_is_inside_the_index_and_a_killed_adds_spool_is_deleted_by_the_next_writer(
+        tiny, tmp_path, monkeypatch):
+    import simsearch.ingest as ingest
+
+    directory, embedder, _probe = tiny
+    stale = directory / ".spool-99999"  # as an add killed with -9 leaves it
+    stale.mkdir()
+    (stale / "vectors.f32").write_bytes(b"\0" * 1024)
+    during = []
+
+    class Watched(ingest.VectorSpool):
+        def __init__(self, path, dim):
+            super().__init__(path, dim)
+            during.append((Path(path).parent, sorted(p.name for p in directory.glob(".spool-*"))))
+    monkeypatch.setattr(ingest, "VectorSpool", Watched)
+    with opened(directory, embedder) as engine:
+        engine.add(write_images(tmp_path / "more", [50]))
+    spool = directory / f".spool-{os.getpid()}"
+    assert during == [(spool, [spool.name])]  # in the index, and the stale one gone once the lock was held
+    assert not list(directory.glob(".spool-*"))
