@@ -119,7 +119,7 @@ class Checker:
             banks, why = self._load(generation, snap["bank_files"])
             for bank, reason in why.items():
                 actions.append(f"{bank} bank of generation {generation} unusable ({reason}): rebuilding it")
-            view = BankView(generation, banks["patches"] or VectorIndex.flat(dim), banks["images"] or VectorIndex.flat(dim))
+            view = BankView(generation, *(banks[b] or VectorIndex.flat(dim) for b in ("patches", "images")))
             diff = bank_diff(snap["vector_ids"], snap["reference_ids"], view)
             # `view` was read privately from disk: the transaction may change its banks in place.
             with index.banks.transaction(view) as txn:
