@@ -430,6 +430,11 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 50.0,
     max_pixels: Annotated[int, typer.Option(help="Largest image, in pixels (checked before decoding).")] = 50_000_000,
     max_images: Annotated[int, typer.Option(help="Most images in one request.")] = 16,
+    max_request_pixels: Annotated[int, typer.Option(help="Most pixels of all images in one request together.")
+                                  ] = 100_000_000,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        help="A Host header value to answer (repeatable; '*': any). Default: localhost names, the --host address "
+             "and, listening on every address, this machine's name.")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes (each loads each model once).")] = 1,
 ):
     """Serve indexes over HTTP (API under /v1, OpenAPI at /docs) with the inspection dashboard at /dashboard/."""
@@ -452,10 +457,15 @@ def serve(
             say("warning", f"{directory} holds no index yet; {name!r} answers 503 until one is built there")
     if root is not None and not root.is_dir():
         fail(f"{root}: no such folder")
+    hosts = allowed_host or ["127.0.0.1", "localhost", "::1", host]
+    if not allowed_host and host in ("0.0.0.0", "::"):  # every address: this machine's own names too
+        import socket
+        hosts += [socket.gethostname(), socket.getfqdn()]
     settings = ServerSettings(indexes=named, root=str(root.resolve()) if root else None,
                               token_file=str(token_file) if token_file else None, auth_reads=auth_reads,
                               expose_paths=expose_paths, max_upload_bytes=int(max_upload_mb * 2**20),
-                              max_pixels=max_pixels, max_images=max_images)
+                              max_pixels=max_pixels, max_images=max_images, max_request_pixels=max_request_pixels,
+                              allowed_hosts=tuple(dict.fromkeys(hosts)))
     with user_errors():
         token = settings.token()
     if token is None and auth_reads:

@@ -190,7 +190,7 @@ def _pnm_size(data: bytes) -> tuple[int, int] | None:
     return (tokens[0], tokens[1]) if len(tokens) == 2 else None
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
+def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the file header, without decoding pixels; None when not known."""
     try:
         if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
@@ -238,7 +238,7 @@ def decode(data: bytes, source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     """Encoded file bytes -> (H, W, 3) uint8 RGB; anything else raises ImageError."""
     if not data:
         raise ImageError(f"{source}: empty file")
-    size = _header_size(data)
+    size = header_size(data)
     if size is None:  # an unknown format, or a known one whose header does not say its size
         raise ImageError(f"{source}: not a readable image (no image size in its header; accepted: PNG, JPEG, BMP, "
                          "GIF, WebP, TIFF, PNM, Sun raster, JPEG 2000, AVIF)")

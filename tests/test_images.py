@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from simsearch.images import MIN_SIDE, Image, ImageError, _header_size, decode, expand_paths, load_image, to_rgb8
+from simsearch.images import MIN_SIDE, Image, ImageError, header_size, decode, expand_paths, load_image, to_rgb8
 
 
 # -- to_rgb8 ----------------------------------------------------------------------------------------
@@ -513,7 +513,7 @@ def test_encodings_cover_the_header_readers(encodings):
 @pytest.mark.parametrize("name", ENCODINGS)
 def test_header_size_agrees_with_the_decoder(name, encodings):
     data = encodings[name]
-    assert _header_size(data) == (30, 20)
+    assert header_size(data) == (30, 20)
     assert decode(data, name).shape == (20, 30, 3)
 
 
