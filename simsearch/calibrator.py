@@ -92,6 +92,8 @@ class Calibrator:
             if progress:
                 progress("scoring", i, total)
             img = load_image(path)
+            if i < len(good_files) and img.sha256 in new_rows:
+                continue  # the same image under another name: one score, not two
             scored = inspector.score(img, view)
             if i < len(good_files):
                 good_scores.append(scored.score)

@@ -272,3 +272,13 @@ def test_adding_good_images_never_raises_a_plain_nearest_distance(tmp_path):
             after = np.array([engine.query(q).score for q in queries])
             assert (after <= before).all(), after - before
             before = after
+
+
+def test_calibrating_on_two_copies_of_one_image_scores_it_once(tiny, tmp_path):
+    import shutil
+    engine, _embedder, _tmp = tiny
+    good = write_images(tmp_path / "cal", range(30, 33))
+    shutil.copyfile(good[0], tmp_path / "cal" / "the same image.png")
+    cal = engine.calibrate([str(tmp_path / "cal")])
+    assert cal.n_good == 3
+    assert engine.calibrate([str(tmp_path / "cal")]).n_good == 3  # again: the stored rows are not duplicated
