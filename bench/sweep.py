@@ -45,7 +45,7 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
     from simsearch.evaluation import metrics
     from simsearch.evaluation.datasets import load_mask
     from simsearch.images import load_image
-    from simsearch.scoring import anomaly_map, discounted, image_score, score_grid, smooth
+    from simsearch.scoring import anomaly_map, discounted, image_score, score_grid
     from simsearch.store.vectors import VectorIndex
 
     seconds = {}
@@ -60,14 +60,13 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
         start = time.perf_counter()
         samples = category.test[::test_every]
         labels, grids, maps, masks = [], [], [], []
-        raw_maps = []  # unsmoothed, for the other blur sigmas
+        raw_maps = []  # patch scores and layouts, for the other blur sigmas
         spreads = []
         for sample in samples:
             image = load_image(sample.path)
             grid = embedder.embed(image)
             hc, wc = grid.grid_shape
-            scale = config.scale_for(image.height, image.width)
-            scored = score_grid(index, grid, config.search, scale)  # the engine's scoring chain
+            scored = score_grid(index, grid, config.search)  # the engine's scoring chain
             scores, amap = scored.scores, scored.anomaly_map
             if density:
                 # How sparse the bank is around each patch's nearest reference (VectorIndex.spread): a match in
@@ -75,7 +74,7 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
                 spreads.append((index.spread(scored.nearest_ids.ravel()).reshape(hc, wc), grid.layout, image.height,
                                 image.width))
             if blurs:
-                raw_maps.append((anomaly_map(scores, grid.layout, image.height, image.width, 0.0), scale))
+                raw_maps.append((scores, grid.layout, image.height, image.width))
             labels.append(sample.label)
             grids.append(scores)
             maps.append(amap)
@@ -87,7 +86,7 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
            "pixel_auroc": metrics.pixel_auroc(masks, maps) if category.has_masks else None,
            "aupro": metrics.aupro(masks, maps, max_fpr=0.3) if category.has_masks else None}
     for sigma in blurs or []:  # the map's Gaussian sigma (px at the index scale) changes pixel metrics only
-        blurred = [smooth(raw, sigma / scale) for raw, scale in raw_maps]
+        blurred = [anomaly_map(g, layout, h, w, sigma) for g, layout, h, w in raw_maps]
         row[f"pixel_auroc_blur{sigma:g}"] = metrics.pixel_auroc(masks, blurred) if category.has_masks else None
         row[f"aupro_blur{sigma:g}"] = metrics.aupro(masks, blurred, max_fpr=0.3) if category.has_masks else None
     for k in top_ks:
@@ -108,7 +107,7 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
                 row[f"image_auroc_{name}_top{k}"] = metrics.image_auroc(labels, np.asarray(
                     [image_score(r, k) for r in relative]))
             if category.has_masks:
-                rel_maps = [anomaly_map(r, layout, h, w, config.blur_sigma / config.scale_for(h, w))
+                rel_maps = [anomaly_map(r, layout, h, w, config.blur_sigma)
                             for r, (_, layout, h, w) in zip(relative, spreads)]
                 row[f"pixel_auroc_{name}"] = metrics.pixel_auroc(masks, rel_maps)
                 row[f"aupro_{name}"] = metrics.aupro(masks, rel_maps, max_fpr=0.3)

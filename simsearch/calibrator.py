@@ -92,6 +92,8 @@ class Calibrator:
             if progress:
                 progress("scoring", i, total)
             img = load_image(path)
+            if i < len(good_files) and img.sha256 in new_rows:
+                continue  # the same image under another name: one score, not two
             scored = inspector.score(img, view)
             if i < len(good_files):
                 good_scores.append(scored.score)
@@ -112,7 +114,7 @@ class Calibrator:
         with self.index.writer_lock():
             if given:  # remember the given good images so that a later `calibrate` can re-score them
                 known = catalog.known_hashes(list(new_rows))
-                with catalog.engine.begin() as conn:
+                with catalog.begin() as conn:
                     catalog.insert_calibration_images(conn, [r for s, r in new_rows.items() if s not in known])
             cal_id = catalog.add_calibration(dict(
                 generation=view.generation, target_fpr=target_fpr, image_threshold=image_choice.threshold,

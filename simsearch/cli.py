@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .errors import BadInput, SimsearchError, exit_code
 from .version import __version__
@@ -27,8 +28,10 @@ app.add_typer(index_app, name="index")
 bundle_app = typer.Typer(no_args_is_help=True, help="Bundles: checksummed copies of an index for a line PC.")
 app.add_typer(bundle_app, name="bundle")
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)  # results are never re-wrapped
+# Paths and messages are printed as they are: never read as rich markup or emoji codes (`part[v2].png`,
+# `[bold]part.png` and `a:smile:.png` are file names), never re-wrapped, never highlighted.
+err = Console(stderr=True, soft_wrap=True, markup=False, emoji=False, highlight=False)
+out = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 IndexDir = Annotated[Path, typer.Option("--index", envvar="SIMSEARCH_INDEX", help="Index directory.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
@@ -77,9 +80,13 @@ def main_options(
     logger.propagate = False
 
 
+def say(kind: str, message: str, style: str = "yellow") -> None:
+    """`kind: message` on stderr, only the kind coloured."""
+    err.print(Text.assemble((f"{kind}:", style), " ", str(message)))
+
+
 def fail(message: str, code: int = 1) -> None:
-    from rich.markup import escape
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)  # paths and names printed literally
+    say("error", message, "red")
     raise typer.Exit(code)
 
 
@@ -99,8 +106,8 @@ def staged_progress(prefix: str = ""):
     progress convention (records.Progress)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True, disable=not err.is_terminal) as bar:
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         tasks: dict[str, int] = {}
 
         def update(stage: str, done: int, total: int) -> None:
@@ -177,17 +184,14 @@ def index_info(index: IndexDir = Path("index"), as_json: JsonFlag = False):
     if as_json:
         emit_json(info)
         return
-    from rich.table import Table
-
-    table = Table(show_header=False, box=None)
-    for key, value in info.items():
+    width = max(map(len, info))
+    for key, value in info.items():  # plain lines: a table would cut a long path short, or wrap it
         if key == "config":
             value = ", ".join(f"{k}={v}" for k, v in value.items() if k != "extra")
         elif key == "calibration" and value:
             value = (f"#{value['id']}: image threshold {value['image_threshold']:.4g}, pixel threshold "
                      f"{value['pixel_threshold']:.4g}, {value['n_good']} good images; {value['method']}")
-        table.add_row(key, str(value))
-    out.print(table)
+        out.print(f"{key:<{width}}  {value}")
 
 
 @index_app.command("remove")
@@ -285,7 +289,7 @@ def query(
     with engine:
         _cal, warning = engine.current_calibration()
         if warning:
-            err.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+            say("warning", warning)
         if not as_json:
             out.print("verdict     score  similarity  regions  image")
         for path in images:
@@ -296,8 +300,7 @@ def query(
                     result.heatmap = write_heatmap(result, img.rgb, heatmap_dir, result.pixel_threshold, taken)
             except SimsearchError as exc:
                 failures = max(failures, exit_code(exc))
-                from rich.markup import escape
-                err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
+                say("error", exc, "red")
                 continue
             if as_json:
                 emit_json(query_record(result))
@@ -477,8 +480,7 @@ def eval_command(
         names = [n for n in names if not category or n in category]
         for position, name in enumerate(names, 1):
             cat = load_category(dataset, name)
-            err.print(f"[{position}/{len(names)}] {name}: {len(cat.train)} train, {len(cat.test)} test images",
-                      highlight=False)
+            err.print(f"[{position}/{len(names)}] {name}: {len(cat.train)} train, {len(cat.test)} test images")
             with staged_progress(f"{name} ") as update:
                 result = evaluate_category(cat, method=method, settings=settings, folds=folds, target_fpr=target_fpr,
                                            workdir=workdir, progress=update, finetune=tuning, coreset=coreset)
@@ -487,7 +489,7 @@ def eval_command(
                 emit_json(result.to_dict())
             else:
                 err.print("  " + "  ".join(f"{k} {v}" for k, v in eval_table_rows([result])[0].items()
-                                          if k != "category"), highlight=False)
+                                          if k != "category"))
     mean = mean_row(results)
     if as_json:
         emit_json({"category": "mean", "method": method, "finetune": None if tuning is None else
@@ -495,10 +497,10 @@ def eval_command(
     else:
         out.print(f"simsearch eval: {dataset} ({label})")
         for line in markdown_table(eval_table_rows(results, mean)):
-            out.print(line, markup=False)
+            out.print(line)
     if report is not None:
         written = write_eval_report(results, mean, report, title=f"simsearch eval: {dataset} ({label})")
-        err.print(f"report: {written}", highlight=False)
+        err.print(f"report: {written}")
 
 
 @app.command()
@@ -516,6 +518,11 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 50.0,
     max_pixels: Annotated[int, typer.Option(help="Largest image, in pixels (checked before decoding).")] = 50_000_000,
     max_images: Annotated[int, typer.Option(help="Most images in one request.")] = 16,
+    max_request_pixels: Annotated[int, typer.Option(help="Most pixels of all images in one request together.")
+                                  ] = 100_000_000,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        help="A Host header value to answer (repeatable; '*': any). Default: localhost names, the --host address "
+             "and, listening on every address, this machine's name.")] = None,
     workers: Annotated[int, typer.Option(help="Worker processes (each loads each model once).")] = 1,
 ):
     """Serve indexes over HTTP (API under /v1, OpenAPI at /docs) with the inspection dashboard at /dashboard/."""
@@ -537,25 +544,28 @@ def serve(
             fail(f"two indexes are named {name!r}; name them with NAME=DIR")
         named[name] = str(directory.resolve())
         if not Engine.exists(directory):
-            err.print(f"[yellow]warning:[/yellow] {directory} holds no index yet; {name!r} answers 503 until one is "
-                      "built there", highlight=False)
+            say("warning", f"{directory} holds no index yet; {name!r} answers 503 until one is built there")
     if root is not None and not root.is_dir():
         fail(f"{root}: no such folder")
+    hosts = allowed_host or ["127.0.0.1", "localhost", "::1", host]
+    if not allowed_host and host in ("0.0.0.0", "::"):  # every address: this machine's own names too
+        import socket
+        hosts += [socket.gethostname(), socket.getfqdn()]
     settings = ServerSettings(indexes=named, root=str(root.resolve()) if root else None,
                               token_file=str(token_file) if token_file else None, auth_reads=auth_reads,
                               expose_paths=expose_paths, max_upload_bytes=int(max_upload_mb * 2**20),
-                              max_pixels=max_pixels, max_images=max_images)
+                              max_pixels=max_pixels, max_images=max_images, max_request_pixels=max_request_pixels,
+                              allowed_hosts=tuple(dict.fromkeys(hosts)))
     with user_errors():
         token = settings.token()
     if token is None and auth_reads:
         fail("--auth-reads needs a token: set SIMSEARCH_TOKEN or give --token-file")
     if token is None:
-        err.print("[yellow]note:[/yellow] no token (SIMSEARCH_TOKEN or --token-file): writes are disabled",
-                  highlight=False)
+        say("note", "no token (SIMSEARCH_TOKEN or --token-file): writes are disabled")
     if host not in ("127.0.0.1", "localhost", "::1") and (token is None or not auth_reads):
-        err.print(f"[yellow]warning:[/yellow] listening on {host} with reads open to anyone who can reach it "
-                  "(--auth-reads requires the token for them)", highlight=False)
-    err.print(f"dashboard: http://{host}:{port}/dashboard/   API docs: http://{host}:{port}/docs", highlight=False)
+        say("warning", f"listening on {host} with reads open to anyone who can reach it (--auth-reads requires the "
+                       "token for them)")
+    err.print(f"dashboard: http://{host}:{port}/dashboard/   API docs: http://{host}:{port}/docs")
     with user_errors():
         run_server(settings, host=host, port=port, workers=workers)
 

@@ -14,20 +14,29 @@ Handling, decided once for every entry point; every refusal is an ImageError wit
 - Files must decode completely: a truncated PNG or JPEG is an error, not a grey smear (truncated
   BMP, TIFF and WebP files are refused by the decoder itself).
 - Images smaller than MIN_SIDE pixels on a side (a 1x1 image), or larger than `max_pixels`, are
-  refused. For PNG, JPEG, BMP, GIF, WebP, TIFF, PNM and Sun raster files the size is read from the
-  header before decoding, so a decompression bomb (a 30000x30000 PNG of 100 KB) costs no memory;
-  other formats rely on OpenCV's own cap (OPENCV_IO_MAX_IMAGE_PIXELS) and a check after decoding.
+  refused, and the size is always read from the header before any pixel is decoded, so a
+  decompression bomb (a 30000x30000 PNG of 100 KB, a 15000x15000 JPEG 2000 of 6 KB) costs no memory.
+  PNG, BMP, GIF, WebP, PNM/PFM, Sun raster and JPEG 2000 headers are read here; JPEG, TIFF (BigTIFF
+  too) and AVIF headers by Pillow's parsers, which read the header only (and skip what libjpeg and
+  libtiff skip: junk bytes before a marker, size tags of any integer type). A TIFF's tiles count as
+  well: each is decoded whole, however small the image. Every other format
+  OpenCV could decode (Radiance HDR, PAM, OpenEXR, ...) is refused: its size is not known before decoding.
+- Only regular files are read: a FIFO, a device or a socket is refused without being opened for a
+  blocking read (`mkfifo cam.png` would otherwise hang the reader, and a writer holding the lock).
 - Empty files, non-images, decoder failures, missing or unreadable paths, directories and pixel
   types other than unsigned 8/16-bit, float and bool are refused.
-- Folders are walked recursively: files with an image suffix are decoded, the others are listed as
-  skipped; a file named directly is decoded whatever its suffix.
+- Folders are walked recursively: regular files with an image suffix are decoded, the others are
+  listed as skipped; a file named directly is decoded whatever its suffix.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import os
+import stat
 import struct
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +47,9 @@ import cv2
 import numpy as np
 
 from .errors import ImageError, ImageTooLarge
+
+# Pillow's header parsers warn about damage they read past; whether such a file is refused is decided here.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.(Tiff|Jpeg|Avif)ImagePlugin")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm"}
 MIN_SIDE = 8
@@ -110,41 +122,51 @@ def _check_size(width: int, height: int, source: str, max_pixels: int) -> None:
         raise ImageError(f"{source}: image is {width}x{height}, smaller than the minimum {MIN_SIDE} px per side")
 
 
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+def _pillow_header(data: bytes, plugin: str):
+    """Pillow's parser of one format run on the header only (no pixel is decoded; Pillow's own bomb check
+    is in `Image.open`, bypassed here so that the size is ours to judge); None when it cannot tell."""
+    import importlib
+
+    try:
+        module = importlib.import_module(f"PIL.{plugin}ImagePlugin")
+        return getattr(module, f"{plugin}ImageFile")(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - any parser failure means: size unknown, refuse
+        return None
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
-            i += 2
-            continue
-        if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
-            return None
-        (length,) = struct.unpack_from(">H", data, i + 2)
-        if marker in _JPEG_SOF and i + 9 <= len(data):
-            height, width = struct.unpack_from(">HH", data, i + 5)
-            return (width, height) if height else None  # height 0: defined later by a DNL marker
-        i += 2 + length
-    return None
+def _tiff_tile_pixels(data: bytes) -> int:
+    """Pixels of one tile of a tiled TIFF (0 for strips): OpenCV decodes each tile whole into a buffer of
+    its own (up to 1 GB), however small the image; libtiff cuts strips to the image's height."""
+    im = _pillow_header(data, "Tiff")
+    tags = im.tag_v2 if im is not None else {}
+    return int(tags[322]) * int(tags[323]) if 322 in tags and 323 in tags else 0  # TileWidth, TileLength
 
 
-def _tiff_size(data: bytes) -> tuple[int, int] | None:
-    order = "<" if data[:2] == b"II" else ">"
-    (offset,) = struct.unpack_from(order + "I", data, 4)
-    (count,) = struct.unpack_from(order + "H", data, offset)
-    size: dict[int, int] = {}
-    for k in range(count):
-        tag, kind, n = struct.unpack_from(order + "HHI", data, offset + 2 + 12 * k)
-        if tag in (256, 257) and n == 1 and kind in (3, 4):
-            size[tag] = struct.unpack_from(order + ("H" if kind == 3 else "I"), data, offset + 10 + 12 * k)[0]
-    return (size[256], size[257]) if len(size) == 2 else None
+def _jp2_size(data: bytes) -> tuple[int, int] | None:
+    """The size from a JPEG 2000 codestream's SIZ marker (in a JP2 file: its jp2c box), what OpenJPEG
+    allocates by; the JP2 header box may claim another size, so it is not used. More than 4 components
+    (each as large as the image) are refused: no picture has them."""
+    offset = 0
+    if data[:4] != b"\xff\x4f\xff\x51":  # not a raw codestream: walk the JP2 boxes to the codestream
+        while True:
+            length, kind = struct.unpack_from(">I4s", data, offset)
+            header = 8
+            if length == 1:
+                (length,) = struct.unpack_from(">Q", data, offset + 8)
+                header = 16
+            if kind == b"jp2c":
+                offset += header
+                break
+            if length < header:  # 0: the last box, to the end of the file
+                return None
+            offset += length
+    if data[offset:offset + 4] != b"\xff\x4f\xff\x51":
+        return None
+    xsiz, ysiz, x0, y0 = struct.unpack_from(">IIII", data, offset + 8)
+    (components,) = struct.unpack_from(">H", data, offset + 40)
+    if components > 4 or xsiz <= x0 or ysiz <= y0:
+        return None
+    return xsiz - x0, ysiz - y0
 
 
 def _pnm_size(data: bytes) -> tuple[int, int] | None:
@@ -168,13 +190,14 @@ def _pnm_size(data: bytes) -> tuple[int, int] | None:
     return (tokens[0], tokens[1]) if len(tokens) == 2 else None
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
+def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the file header, without decoding pixels; None when not known."""
     try:
         if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
             return struct.unpack_from(">II", data, 16)
-        if data[:2] == b"\xff\xd8":
-            return _jpeg_size(data)
+        if data[:3] == b"\xff\xd8\xff":
+            im = _pillow_header(data, "Jpeg")
+            return None if im is None else im.size
         if data[:2] == b"BM":
             (header,) = struct.unpack_from("<I", data, 14)
             if header == 12:  # OS/2 BITMAPCOREHEADER
@@ -194,8 +217,14 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
                 width, height = struct.unpack_from("<HH", data, 26)
                 return width & 0x3FFF, height & 0x3FFF
             return None
-        if data[:4] in (b"II*\x00", b"MM\x00*"):
-            return _tiff_size(data)
+        if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):  # classic TIFF and BigTIFF
+            im = _pillow_header(data, "Tiff")
+            return None if im is None else im.size
+        if data[:4] == b"\xff\x4f\xff\x51" or data[4:12] == b"jP  \r\n\x87\n":
+            return _jp2_size(data)
+        if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+            im = _pillow_header(data, "Avif")
+            return None if im is None else im.size
         if data[:1] == b"P" and data[1:2] in b"123456fF" and len(data) > 2 and data[2:3].isspace():
             return _pnm_size(data)
         if data[:4] == b"\x59\xa6\x6a\x95":  # Sun raster
@@ -209,9 +238,14 @@ def decode(data: bytes, source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     """Encoded file bytes -> (H, W, 3) uint8 RGB; anything else raises ImageError."""
     if not data:
         raise ImageError(f"{source}: empty file")
-    size = _header_size(data)
-    if size is not None:  # refuse bombs (and tiny images) before any pixel is decoded
-        _check_size(size[0], size[1], source, max_pixels)
+    size = header_size(data)
+    if size is None:  # an unknown format, or a known one whose header does not say its size
+        raise ImageError(f"{source}: not a readable image (no image size in its header; accepted: PNG, JPEG, BMP, "
+                         "GIF, WebP, TIFF, PNM, Sun raster, JPEG 2000, AVIF)")
+    _check_size(size[0], size[1], source, max_pixels)  # bombs (and tiny images) before any pixel is decoded
+    tile = _tiff_tile_pixels(data) if data[:2] in (b"II", b"MM") else 0
+    if tile > max_pixels:
+        raise ImageTooLarge(f"{source}: its TIFF tiles hold {tile} pixels each, over the limit of {max_pixels} pixels")
     _check_complete(data, source)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
@@ -221,9 +255,45 @@ def decode(data: bytes, source: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageError(f"{source}: not a readable image (OpenCV: {reason})") from None
     if pixels is None or pixels.size == 0 or pixels.ndim < 2:
         raise ImageError(f"{source}: not a readable image")
-    # The header check above covers the common formats; this one covers the rest.
+    # The decoder may disagree with the header it was given (a lying header): judge what it made too.
     _check_size(pixels.shape[1], pixels.shape[0], source, max_pixels)
     return to_rgb8(pixels, source, bgr=pixels.ndim == 3)
+
+
+def open_regular(path: "str | os.PathLike"):
+    """A regular file opened for reading (binary). A FIFO, device or socket is refused, never waited on:
+    O_NONBLOCK makes opening a FIFO with no writer return at once, and fstat says what was opened (so a
+    path swapped for a FIFO after a check is caught too). Raises ImageError naming the path."""
+    source = os.fspath(path)
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageError(f"{source}: no such file") from None
+    except OSError as exc:
+        raise ImageError(f"{source}: cannot read ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise ImageError(f"{source}: " + ("is a directory" if stat.S_ISDIR(mode) else
+                                          "not a regular file (a FIFO, device or socket)"))
+    return os.fdopen(fd, "rb")  # O_NONBLOCK changes nothing for a regular file's reads
+
+
+def read_bytes(path: "str | os.PathLike") -> bytes:
+    """The bytes of a regular file (see `open_regular`); ImageError otherwise."""
+    with open_regular(path) as fh:
+        try:
+            return fh.read()
+        except OSError as exc:
+            raise ImageError(f"{os.fspath(path)}: cannot read ({exc.strerror or exc})") from None
+
+
+def is_regular(path: str) -> bool:
+    """Whether `path` is (or links to) a regular file; never opens it."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def load_image(image: "str | os.PathLike | np.ndarray | Image", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image:
@@ -234,15 +304,7 @@ def load_image(image: "str | os.PathLike | np.ndarray | Image", *, max_pixels: i
         rgb = to_rgb8(image)
         return Image(rgb=rgb, sha256=hashlib.sha256(rgb.tobytes()).hexdigest(), source="<array>")
     source = os.fspath(image)
-    try:
-        with open(source, "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
-        raise ImageError(f"{source}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{source}: is a directory") from None
-    except OSError as exc:
-        raise ImageError(f"{source}: cannot read ({exc.strerror or exc})") from None
+    data = read_bytes(source)
     rgb = decode(data, source, max_pixels=max_pixels)
     return Image(rgb=rgb, sha256=hashlib.sha256(data).hexdigest(), source=source)
 
@@ -251,20 +313,25 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Files, folders (recursive) and globs -> (image files in a stable order, [(path, why skipped)]).
 
     Files given by name are kept whatever their suffix (decoding decides); inside folders and
-    globs only known image suffixes are taken and the other files are listed as skipped.
+    globs only regular files with known image suffixes are taken and the others are listed as skipped.
     """
     found: list[str] = []
     skipped: list[tuple[str, str]] = []
+
+    def take(path: str) -> None:
+        if Path(path).suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append((path, "not an image file name"))
+        elif not is_regular(path):
+            skipped.append((path, "not a regular file (a FIFO, device or socket)"))
+        else:
+            found.append(path)
+
     for item in inputs:
         if os.path.isdir(item):
             for root, dirs, files in os.walk(item):
                 dirs.sort()
                 for name in sorted(files):
-                    path = os.path.join(root, name)
-                    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                        found.append(path)
-                    else:
-                        skipped.append((path, "not an image file name"))
+                    take(os.path.join(root, name))
         elif os.path.exists(item):
             found.append(item)
         elif glob.has_magic(item):
@@ -276,10 +343,8 @@ def expand_paths(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
                     sub_found, sub_skipped = expand_paths([path])
                     found += sub_found
                     skipped += sub_skipped
-                elif Path(path).suffix.lower() in IMAGE_SUFFIXES:
-                    found.append(path)
                 else:
-                    skipped.append((path, "not an image file name"))
+                    take(path)
         else:
             raise ImageError(f"{item}: no such file or folder")
     # Keep the first mention of each file.
@@ -293,10 +358,14 @@ R = TypeVar("R")
 
 
 def file_sha256(path: str | Path) -> str:
+    """The sha256 of a regular file's bytes (ImageError for anything else: see `open_regular`)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    with open_regular(path) as fh:
+        try:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        except OSError as exc:
+            raise ImageError(f"{os.fspath(path)}: cannot read ({exc.strerror or exc})") from None
     return h.hexdigest()
 
 

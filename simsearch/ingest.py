@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -22,7 +20,7 @@ import numpy as np
 from .coreset import KeepAll
 from .errors import BadInput, ImageError, IndexDamaged
 from .faults import crash_point
-from .images import Image, decode, expand_paths, file_sha256, read_ahead
+from .images import Image, decode, expand_paths, file_sha256, read_ahead, read_bytes
 from .records import AddReport, Progress
 from .store.banks import BankTransaction
 from .store.spool import VectorSpool
@@ -98,7 +96,8 @@ class Ingest:
         sampler = sampler_for(coreset)
         inputs = [os.fspath(p) for p in inputs]
         files, skipped = expand_paths(inputs)
-        explicit = {os.path.abspath(p) for p in inputs if os.path.isfile(p)}
+        # Named paths that are not folders (a FIFO among them): failing to read one aborts the add.
+        explicit = {os.path.abspath(p) for p in inputs if os.path.exists(p) and not os.path.isdir(p)}
         report = AddReport(skipped=list(skipped))
         with self.index.writer_lock():
             hashed = self._hash_new(files, explicit, report)
@@ -109,8 +108,8 @@ class Ingest:
                 n_hold = min(max(n_hold, 1), len(order) - 1)
             held = set(order[:n_hold])
             todo = [(hashed[sha], sha) for sha in sorted(hashed, key=lambda s: hashed[s])]
-            with tempfile.TemporaryDirectory(prefix="simsearch-add-") as tmp, \
-                    VectorSpool(Path(tmp) / "vectors.f32", self.index.config.feature_dim) as spool:
+            with self.index.folder.spool_folder() as tmp, \
+                    VectorSpool(tmp / "vectors.f32", self.index.config.feature_dim) as spool:
                 new_refs, new_held = self._embed_new(todo, held, explicit, report, spool, progress)
                 if progress:
                     progress("writing", len(todo), len(todo))
@@ -124,10 +123,10 @@ class Ingest:
         for path in files:
             try:
                 sha = file_sha256(path)
-            except OSError as exc:
+            except ImageError as exc:
                 if os.path.abspath(path) in explicit:
-                    raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-                report.skipped.append((path, f"cannot read ({exc.strerror or exc})"))
+                    raise
+                report.skipped.append((path, str(exc).split(": ", 1)[-1]))
                 continue
             if sha in hashed:
                 report.skipped.append((path, f"same image as {hashed[sha]}"))
@@ -148,11 +147,7 @@ class Ingest:
 
         def read(item: tuple[str, str]) -> np.ndarray:
             path, sha = item
-            try:
-                with open(path, "rb") as fh:
-                    data = fh.read()
-            except OSError as exc:
-                raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+            data = read_bytes(path)  # regular files only: a FIFO swapped in since hashing is refused
             if hashlib.sha256(data).hexdigest() != sha:
                 raise ImageError(f"{path}: changed while being added")
             return decode(data, path)

@@ -30,8 +30,7 @@ class Inspector:
         if view.patches.ntotal == 0:
             raise IndexNotReady("the index has no reference images yet (run `simsearch index add`)")
         grid = self.index.embedder.embed(image)
-        config = self.index.config
-        return score_grid(view.patches, grid, config.search, config.scale_for(image.height, image.width))
+        return score_grid(view.patches, grid, self.index.config.search)
 
     def query(self, image: str | os.PathLike | np.ndarray | Image) -> QueryResult:
         return self.query_many([image])[0]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,42 @@ def test_eval_finetune_runs_end_to_end_on_a_tiny_real_subset(tmp_path):
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert 0.0 <= category[key] <= 1.0
     assert mean["finetune"] == {"loss": "softmax", "steps": 3, "seed": 0}
+
+
+# -- every command's plain output, and file names printed as they are ------------------------------------------
+ODD_NAMES = ["part[v2].bmp", "[bold]part.bmp", "[link=x]c.bmp", "a:smile:b.bmp"]
+
+
+def test_every_command_prints_its_plain_output_with_file_names_as_they_are(index, tmp_path):
+    """The CLI tests once ran only --json, which returned before `finetune`'s last line (a crash); rich read
+    `part[v2].png` as markup and printed `part.png`, and a `[/x]` in a path was a traceback after the add had
+    committed. Every command here runs without --json, on names that look like markup."""
+    copy = tmp_path / "ix"
+    shutil.copytree(index, copy)
+    folder = tmp_path / "odd [" / "x] [bold]"  # "odd [/x] [bold]": a closing tag that opens nothing
+    folder.mkdir(parents=True)
+    odd = []
+    for name, source in zip(ODD_NAMES, piped_test("good")[4:]):
+        (folder / name).symlink_to(source)
+        odd.append(str(folder / name))
+    (folder / "dup [red].bmp").symlink_to(sorted((PIPED / "train" / "good").iterdir())[0])  # already in the index
+
+    def plain(*args, expect: list[str]) -> str:
+        proc = simsearch(*args, index=copy, check=False)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+        for text in expect:
+            assert text in proc.stdout, (args, text, proc.stdout[-2000:])
+        return proc.stdout
+
+    plain("index", "add", str(folder), expect=[f"added {len(odd)} images", f"skipped {folder / 'dup [red].bmp'}: "])
+    plain("query", *odd, expect=odd)
+    plain("search", odd[0], "--top-k", "2", expect=[str(PIPED / "train" / "good")])
+    plain("index", "info", expect=["reference_images", str(copy)])
+    plain("index", "check", expect=["consistent"])
+    plain("index", "repair", expect=["nothing to repair", "consistent"])
+    plain("calibrate", expect=["calibration #"])
+    plain("index", "remove", odd[1], expect=["removed 1 images"])
+    head = tmp_path / "head [x].safetensors"
+    plain("finetune", *odd[:2], "--out", str(head), "--steps", "2", expect=[f"wrote {head}", f"--weights {head}"])
+    root = tiny_category(tmp_path / "data")
+    plain("eval", str(root), "--folds", "2", expect=["simsearch eval:", "| PA_BDP01_TL |"])

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from simsearch.images import MIN_SIDE, Image, ImageError, _header_size, decode, expand_paths, load_image, to_rgb8
+from simsearch.images import MIN_SIDE, Image, ImageError, header_size, decode, expand_paths, load_image, to_rgb8
 
 
 # -- to_rgb8 ----------------------------------------------------------------------------------------
@@ -483,6 +483,9 @@ def _encodings():
             ("pil-exif.jpg", rgb, "JPEG", {"exif": exif}),  # APP1 segment before the frame header
             ("pil-lzw.tif", rgb, "TIFF", {"compression": "tiff_lzw"}),
             ("pil-rgba.webp", rgb.convert("RGBA"), "WEBP", {"exif": exif}),  # extended (VP8X) WebP
+            ("pil-bigtiff.tif", rgb, "TIFF", {"big_tiff": True}),
+            ("pil.avif", rgb, "AVIF", {"quality": 100}),
+            ("pil.jp2", rgb, "JPEG2000", {}),  # OpenJPEG through OpenCV refuses to encode one this small
             ("pil-big-endian-16bit.tif", PILImage.frombytes("I;16B", (30, 20), (bgr[..., 0].astype(">u2") * 257).tobytes()), "TIFF", {})]:
         buf = io.BytesIO()
         image.save(buf, fmt, **kwargs)
@@ -490,8 +493,9 @@ def _encodings():
     return out
 
 
-ENCODINGS = [".png", ".jpg", ".bmp", ".tif", ".webp", ".ppm", ".gif", ".sr", ".pgm", ".pbm", ".pfm", "lossy.webp",
-             "progressive.jpg", "pil-exif.jpg", "pil-lzw.tif", "pil-rgba.webp", "pil-big-endian-16bit.tif"]
+ENCODINGS = [".png", ".jpg", ".bmp", ".tif", ".webp", ".ppm", ".gif", ".sr", "pil.jp2", ".pgm", ".pbm", ".pfm",
+             "lossy.webp", "progressive.jpg", "pil-exif.jpg", "pil-lzw.tif", "pil-rgba.webp", "pil-bigtiff.tif",
+             "pil.avif", "pil-big-endian-16bit.tif"]
 
 
 @pytest.fixture(scope="module")
@@ -509,7 +513,7 @@ def test_encodings_cover_the_header_readers(encodings):
 @pytest.mark.parametrize("name", ENCODINGS)
 def test_header_size_agrees_with_the_decoder(name, encodings):
     data = encodings[name]
-    assert _header_size(data) == (30, 20)
+    assert header_size(data) == (30, 20)
     assert decode(data, name).shape == (20, 30, 3)
 
 
@@ -546,9 +550,13 @@ def test_permission_error_becomes_image_error(tmp_path, monkeypatch):
     path = tmp_path / "locked.png"
     cv2.imwrite(str(path), _red_bgr())
 
+    real_open = os.open
+
     def denied(file, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(file))
-    monkeypatch.setattr(images, "open", denied, raising=False)
+        if os.fspath(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(images.os, "open", denied)
     with pytest.raises(ImageError, match=r"locked\.png: cannot read \(Permission denied\)"):
         load_image(path)
 

@@ -53,6 +53,35 @@ def test_smooth_sigma_zero_is_identity():
     np.testing.assert_array_equal(out, m)
 
 
+@pytest.mark.parametrize("height, width", [(128, 128), (700, 1000), (7000, 7000)])
+def test_the_map_is_smoothed_at_the_index_scale_equal_to_smoothing_the_original_within_half_a_percent(height, width):
+    """Blurring at the original resolution (sigma 4 px at the index scale, 146 px on a 7000 px image) took
+    75 s for one 7000 x 7000 query; blurring at the index scale then resizing gives the same map to within
+    0.5% of its range (measured on PIPED's maps: 0.05%)."""
+    import time
+
+    from simsearch.config import IndexConfig
+    from simsearch.scoring import anomaly_map
+    from simsearch.tiling import grid_to_image, plan_tiles, scaled_size
+
+    config = IndexConfig()
+    scale = config.scale_for(height, width)
+    layout = plan_tiles(*scaled_size(height, width, scale), config.tile_size, config.tile_stride,
+                        config.patch_stride, config.context_margin)
+    rng = np.random.default_rng(0)
+    grid = rng.gamma(2.0, 10.0, layout.grid_shape).astype(np.float32)
+    grid[3:6, 4:8] += 80  # a defect
+    start = time.perf_counter()
+    new = anomaly_map(grid, layout, height, width, config.blur_sigma)
+    seconds = time.perf_counter() - start
+    assert new.shape == (height, width) and new.dtype == np.float32
+    assert seconds < 5
+    if height * width > 10**7:
+        return  # the old way is what took 75 s
+    old = smooth(grid_to_image(grid, layout, height, width), config.blur_sigma / scale)
+    assert np.abs(new - old).max() < 0.005 * (old.max() - old.min())
+
+
 def test_smooth_constant_map_is_unchanged():
     assert np.allclose(smooth(np.full((20, 20), 2.0, np.float32), 3.0), 2.0)
 

@@ -1,7 +1,9 @@
 """`simsearch serve`: the HTTP API and the inspection dashboard, one FastAPI app over `Engine`.
 
-Routes live under /v1 (OpenAPI schema at /openapi.json, interactive docs at /docs); the dashboard's plain
-HTML/JS/CSS files are served from /dashboard/. Every error is JSON, {"error": message, "status": code}.
+Routes live under /v1 (OpenAPI schema at /openapi.json, interactive docs at /docs, their Swagger UI files
+served from the installed swagger-ui-bundle, never from a CDN); the dashboard's plain HTML/JS/CSS files are
+served from /dashboard/. Every error is JSON, {"error": message, "status": code}. Requests whose Host header
+is not one the server answers to are refused (DNS rebinding), and every response forbids framing.
 """
 
 import contextlib
@@ -46,7 +48,11 @@ class ServerSettings:
     max_upload_bytes: int = 50 * 2**20  # per request
     max_pixels: int = 50_000_000  # per image, checked from the header before decoding
     max_images: int = 16  # per request
+    max_request_pixels: int = 100_000_000  # all images of one request together
     keep_recent: int = 24  # queries kept for the dashboard's gallery
+    # Host header values answered (any port); "*" answers any. A page on another site that points its own
+    # name at 127.0.0.1 (DNS rebinding) sends its name as Host, and is refused.
+    allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "::1")
 
     def token(self) -> str | None:
         if self.token_file:
@@ -171,10 +177,56 @@ class BodyLimitMiddleware:
         await self.app(scope, counted, send)
 
 
+def host_of(header: bytes) -> str:
+    """The name in a Host header, without its port: "[::1]:8000" -> "::1", "Example.com:80" -> "example.com"."""
+    value = header.decode("latin-1").strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+# Responses say where they may be shown: never in a frame, scripts and styles from the server only (the
+# dashboard has no inline code). Swagger UI's page starts it with an inline script: /docs alone allows that.
+SECURITY_HEADERS = [(b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer")]
+CSP = (b"default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; form-action 'self'; "
+       b"frame-ancestors 'none'")
+DOCS_CSP = CSP + b"; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'"
+
+
+class HostMiddleware:
+    """ASGI middleware: refuse a Host header the server does not answer to (400), and add the security
+    headers to every response."""
+
+    def __init__(self, app, allowed_hosts: tuple[str, ...]):
+        self.app = app
+        self.allowed = {h.lower().strip("[]") for h in allowed_hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        host = host_of(dict(scope["headers"]).get(b"host", b""))
+        if "*" not in self.allowed and host not in self.allowed:
+            await error_response(400, f"Host {host!r} is not one this server answers to (--allowed-host)")(
+                scope, receive, send)
+            return
+        policy = DOCS_CSP if scope["path"] == "/docs" else CSP
+
+        async def with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS,
+                                      (b"content-security-policy", policy)]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 def create_app(settings: ServerSettings) -> FastAPI:
     registry = Registry({n: Path(d) for n, d in settings.indexes.items()},
                         Path(settings.root) if settings.root else None,
-                        Exposure(expose_paths=settings.expose_paths, max_pixels=settings.max_pixels),
+                        Exposure(expose_paths=settings.expose_paths, max_pixels=settings.max_pixels,
+                                 max_request_pixels=settings.max_request_pixels),
                         settings.keep_recent)
     token = settings.token()
     metrics = Metrics()
@@ -184,7 +236,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
         yield
         registry.close()
 
-    api = FastAPI(title="simsearch", version=__version__, description=__doc__, lifespan=lifespan)
+    api = FastAPI(title="simsearch", version=__version__, description=__doc__, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)  # FastAPI's own pages load Swagger UI and ReDoc from a CDN: see /docs below
     api.state.registry = registry
     bearer = HTTPBearer(auto_error=False, description="the server's token (SIMSEARCH_TOKEN or --token-file)")
 
@@ -209,7 +262,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     # -- errors: JSON with the status errors.http_status gives the error's class ----------------
     @api.exception_handler(SimsearchError)
     async def refused(_request, exc: SimsearchError):
-        return error_response(http_status(exc), str(exc), getattr(exc, "headers", None))
+        message = str(exc) if settings.expose_paths else registry.hide_paths(str(exc))
+        return error_response(http_status(exc), message, getattr(exc, "headers", None))
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(_request, exc: StarletteHTTPException):
@@ -222,7 +276,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @api.exception_handler(Exception)
     async def internal(_request, exc: Exception):
-        return error_response(500, f"internal error ({exc.__class__.__name__}); see the server log")
+        # Starlette raises the error on after this answer (for the server's log), and uvicorn then drops the
+        # connection: saying so keeps a keep-alive client from sending its next request into a closed socket.
+        return error_response(500, f"internal error ({exc.__class__.__name__}); see the server log",
+                              {"Connection": "close"})
 
     # -- routes -----------------------------------------------------------------------------------
     @api.get("/", include_in_schema=False)
@@ -334,8 +391,20 @@ def create_app(settings: ServerSettings) -> FastAPI:
         request = request or CalibrateRequest()
         return await run_in_threadpool(registry.get(name).calibrate, request.target_fpr, request.min_region_area)
 
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
+
+    @api.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="simsearch API",
+                                   swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs/assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs/assets/favicon-32x32.png")
+
+    api.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
     api.mount("/dashboard", StaticFiles(directory=STATIC, html=True), name="dashboard")
     api.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    api.add_middleware(HostMiddleware, allowed_hosts=tuple(settings.allowed_hosts))
     api.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, so it times everything
     return api
 

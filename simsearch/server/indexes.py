@@ -24,8 +24,8 @@ import cv2
 import numpy as np
 
 from ..engine import Engine
-from ..errors import BadInput, IndexUnavailable, RequestRefused, SimsearchError, UnknownIndex
-from ..images import decode
+from ..errors import BadInput, ImageTooLarge, IndexUnavailable, RequestRefused, SimsearchError, UnknownIndex
+from ..images import Image, decode, header_size
 from ..records import QueryResult, query_record
 from ..report import heatmap_overlay
 from .uploads import Upload
@@ -53,8 +53,9 @@ class Models:
 class Exposure:
     """What answers may show, and what uploads may be."""
 
-    expose_paths: bool = False  # server paths of reference images (off: sha256 and thumbnail URLs only)
+    expose_paths: bool = False  # server paths (off: sha256 and thumbnail URLs only; paths in messages hidden)
     max_pixels: int = 50_000_000  # per uploaded image, checked from its header before decoding
+    max_request_pixels: int = 100_000_000  # all images of one request together: bounds a request's work
 
 
 @dataclass
@@ -162,9 +163,18 @@ class ServedIndex:
     def url(self) -> str:
         return f"/v1/indexes/{self.name}"
 
+    def decode_all(self, uploads: list[Upload]) -> list[Image]:
+        """Every upload decoded, or an error and none: each within the pixel limit, all of them together within
+        the request's (from their headers, before any is decoded; the work of a request grows with its pixels)."""
+        total = sum(w * h for w, h in (header_size(u.data) or (0, 0) for u in uploads))
+        if total > self.exposure.max_request_pixels:
+            raise ImageTooLarge(f"{len(uploads)} images of {total} pixels in all, over the limit of "
+                                f"{self.exposure.max_request_pixels} pixels per request (--max-request-pixels)")
+        return [u.decode(self.exposure.max_pixels) for u in uploads]
+
     def query(self, uploads: list[Upload], heatmap: str) -> list[dict]:
         """Each upload's `simsearch query --json` record, all from one bank generation and one calibration."""
-        images = [u.decode(self.exposure.max_pixels) for u in uploads]  # every image decodes, or none is scored
+        images = self.decode_all(uploads)
         results = self.reader().query_many(images)  # one bank view and one calibration for all of them
         records = []
         for img, result in zip(images, results):
@@ -217,8 +227,7 @@ class ServedIndex:
 
     def add(self, uploads: list[Upload], holdout: float, coreset: float | None) -> dict:
         """Add uploaded good images; their bytes are kept in <index>/uploads/ so that `index repair` can re-embed."""
-        for upload in uploads:  # all readable, or nothing is stored
-            upload.decode(self.exposure.max_pixels)
+        self.decode_all(uploads)  # all readable, or nothing is stored
         skipped, fresh = [], {}
         with self.writer() as engine:
             known = engine.known_images([u.sha256 for u in uploads])
@@ -325,6 +334,18 @@ class Registry:
             with self._lock:
                 return self._served.setdefault(name, self._new(name, self.root / name))
         raise UnknownIndex(f"no index named {name!r} is served here (served: {', '.join(self.names()) or 'none'})")
+
+    def hide_paths(self, message: str) -> str:
+        """`message` with the served folders' paths replaced by the index's name (`<index NAME>`) and the root's
+        by `<root>`: a client learns which index, not where it lives on the server."""
+        places = [(str(s.directory), f"<index {s.name}>") for s in list(self._served.values())]
+        if self.root is not None:
+            places.append((str(self.root), "<root>"))
+        forms = {form: label for place, label in places for form in (place, str(Path(place).resolve()))
+                 if os.path.isabs(form) and form != os.sep}
+        for form in sorted(forms, key=len, reverse=True):  # a folder inside the root before the root
+            message = message.replace(form, forms[form])
+        return message
 
     def close(self) -> None:
         for served in self._served.values():

@@ -53,11 +53,23 @@ def _client_name(name: str | None, fallback: str) -> str:
     return name or fallback
 
 
+def _parts(body: bytes, content_type: str) -> int:
+    """How many parts a multipart body holds, from its boundary delimiters (the last one closes it)."""
+    boundary = next((p.split("=", 1)[1].strip().strip('"') for p in content_type.split(";")[1:]
+                     if p.strip().lower().startswith("boundary=")), "")
+    return max(body.count(b"--" + boundary.encode("latin-1")) - 1, 0) if boundary else 0
+
+
 async def read_uploads(request: Request, max_images: int) -> list[Upload]:
     """The images of a request: every file part of a multipart form, or the whole body as one image."""
     media = media_type(request.headers.get("content-type"))
     uploads: list[Upload] = []
     if media == "multipart/form-data":
+        # Counted before parsing: the parser's own limit answers 400, and too many images is a 413 (the body
+        # is bounded by BodyLimitMiddleware, so reading it first costs at most --max-upload-mb).
+        parts = _parts(await request.body(), request.headers.get("content-type", ""))
+        if parts > max_images:
+            raise RequestRefused(413, f"{parts} parts in one request; the limit is {max_images} images")
         form = await request.form(max_files=max_images, max_fields=max_images)
         try:
             for field_name, value in form.multi_items():

@@ -7,9 +7,16 @@ the folder), then commits the catalog at that generation, then deletes older gen
 Killed before the commit, the catalog still names the old generation, whose files are untouched, and
 the new files are strays the next writer deletes; killed after it, the new files are complete.
 Readers load the files of the generation they read from the catalog and never delete anything.
+
+The commit also records each file's size, sha256 and vector count (`write_generation`'s records, in
+the catalog's bank_files). Every load checks all three against the record before a file is trusted
+(a file overwritten in part, truncated, or swapped for another index's of the same dimension is
+refused, not searched); hashing costs about a second per GB, once per generation and process. An
+index written before the records were kept has none: its files load unchecked until its next write.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -36,26 +43,57 @@ def existing_path(directory: Path, bank: str, generation: int) -> Path | None:
     return None
 
 
-def load_generation(directory: Path, generation: int) -> dict[str, VectorIndex] | None:
-    """Both banks of `generation`; None when the index has never been written (generation 0, no files).
+def file_record(path: Path, vectors: int) -> dict:
+    """What the catalog records of a bank file: {bytes, sha256, vectors}."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest(), "vectors": int(vectors)}
 
-    Raises FileNotFoundError when a file is missing (a newer writer may just have replaced it: re-read
-    the generation and retry) and ValueError when a file is not a readable FAISS index.
-    """
-    paths = {bank: existing_path(directory, bank, generation) for bank in BANKS}
-    if generation == 0 and all(p is None for p in paths.values()):
+
+def load_bank(directory: Path, bank: str, generation: int, record: dict | None) -> VectorIndex:
+    """One bank of `generation`, checked against its `record` (None: an index from before records: unchecked).
+
+    Raises FileNotFoundError when the file is missing (a newer writer may just have replaced it: re-read the
+    generation and retry) and ValueError when it is not the file the catalog committed, or not readable."""
+    path = existing_path(directory, bank, generation)
+    if path is None:
+        raise FileNotFoundError(f"{directory}: missing {bank_path(directory, bank, generation).name} for bank "
+                                f"generation {generation}")
+    if record is not None:
+        found = file_record(path, record["vectors"])  # a file deleted meanwhile raises FileNotFoundError
+        for key, what in (("bytes", "bytes"), ("sha256", "sha256")):
+            if found[key] != record[key]:
+                raise ValueError(f"{path}: {what} {found[key]}, but the catalog recorded {record[key]} when generation "
+                                 f"{generation} was committed: the file was damaged or replaced")
+    index = VectorIndex.load(path)
+    if record is not None and index.ntotal != record["vectors"]:
+        raise ValueError(f"{path}: holds {index.ntotal} vectors, the catalog recorded {record['vectors']}")
+    return index
+
+
+def load_generation(directory: Path, generation: int, records: dict[str, dict] | None = None
+                    ) -> dict[str, VectorIndex] | None:
+    """Both banks of `generation`, each checked against its record (`records`: bank -> record, as the catalog
+    keeps them); None when the index has never been written (generation 0, no files). Raises as `load_bank`."""
+    records = records or {}
+    if generation == 0 and all(existing_path(directory, b, generation) is None for b in BANKS):
         return None
-    missing = [bank_path(directory, b, generation).name for b, p in paths.items() if p is None]
-    if missing:
-        raise FileNotFoundError(f"{directory}: missing {', '.join(missing)} for bank generation {generation}")
-    return {bank: VectorIndex.load(path) for bank, path in paths.items()}
+    return {bank: load_bank(directory, bank, generation, records.get(bank)) for bank in BANKS}
 
 
-def write_generation(directory: Path, generation: int, banks: dict[str, VectorIndex]) -> None:
-    """Write every bank of `generation` durably; nothing refers to these files until the catalog commits."""
+def write_generation(directory: Path, generation: int, banks: dict[str, VectorIndex]) -> dict[str, dict]:
+    """Write every bank of `generation` durably; nothing refers to these files until the catalog commits.
+    Returns bank -> its record ({bytes, sha256, vectors}), for the catalog to keep in the same commit."""
+    records = {}
     for bank in BANKS:
-        banks[bank].save(bank_path(directory, bank, generation))
+        path = bank_path(directory, bank, generation)
+        banks[bank].save(path)
         crash_point(f"wrote {bank} generation {generation}")
+        records[bank] = file_record(path, banks[bank].ntotal)
+    return records
 
 
 def stray_files(directory: Path, generation: int) -> list[Path]:

@@ -62,11 +62,11 @@ class BankStore:
 
     def _load(self) -> BankView:
         for _attempt in range(LOAD_ATTEMPTS):
-            generation = self.catalog.state()["generation"]
+            generation, records = self.catalog.bank_state()
             if self._view is not None and self._view.generation == generation:
                 return self._view
-            try:
-                banks = bankfiles.load_generation(self.directory, generation)
+            try:  # the files are checked against what the catalog recorded at their commit (bankfiles.py)
+                banks = bankfiles.load_generation(self.directory, generation, records)
             except FileNotFoundError as exc:
                 if self.catalog.state()["generation"] != generation:
                     continue  # a writer committed a newer generation and removed this one: read again
@@ -98,7 +98,7 @@ class BankStore:
         index's writer lock. Yields a BankTransaction; its changes become visible when the block ends."""
         base = base or self.view()
         txn = BankTransaction(self, base)
-        with self.catalog.engine.begin() as conn:
+        with self.catalog.begin() as conn:
             txn.conn = conn
             yield txn
             crash_point("before commit")
@@ -142,10 +142,12 @@ class BankTransaction:
 
     def publish(self, next_vector_id: int | None = None) -> int:
         """Move the catalog to the next generation and write its FAISS files (inside the transaction)."""
-        generation = self.store.catalog.bump_generation(self.conn, next_vector_id=next_vector_id)
+        catalog = self.store.catalog
+        generation = catalog.bump_generation(self.conn, next_vector_id=next_vector_id)
         patches = self._patches if self._patches is not None else self.base.patches
         images = self._images if self._images is not None else self.base.images
-        bankfiles.write_generation(self.store.directory, generation, {"patches": patches, "images": images})
+        records = bankfiles.write_generation(self.store.directory, generation, {"patches": patches, "images": images})
+        catalog.record_bank_files(self.conn, generation, records)
         self.published = BankView(generation, patches, images)
         return generation
 

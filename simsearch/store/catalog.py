@@ -1,25 +1,34 @@
 """The index's SQLite catalog (SQLAlchemy Core): what every vector id means.
 
 `meta.sqlite` is the source of truth for an index: its configuration and fingerprint, the bank
-generation, the images (reference or calibration), their tiles, one row per FAISS vector id
-(image, tile, grid cell, position) and the calibrations. The schema is created and upgraded by
-the alembic scripts in `migrations/` when the catalog is opened; a database from a newer
-simsearch is refused rather than guessed at.
+generation, the size, sha256 and vector count of that generation's FAISS files, the images
+(reference or calibration), their tiles, one row per FAISS vector id (image, tile, grid cell,
+position) and the calibrations. The schema is created by the alembic scripts in `migrations/` for a
+new catalog and upgraded when an older one is opened; a database from a newer simsearch is refused
+rather than guessed at.
+
+A damaged file is never written to: an existing file is first looked at without any pragma or write
+(an empty file, or one without a simsearch schema, is refused as it is, never given a schema), and any
+error SQLite raises later (a damaged page met by a query) becomes one CatalogError naming the file,
+never a traceback. `quick_check` reads every page (`simsearch index check` runs it).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import time
 from pathlib import Path
 
 import numpy as np
 from sqlalchemy import (Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text, create_engine,
-                        delete, event, func, insert, or_, select, update)
+                        delete, event, func, insert, or_, select, text, update)
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from ..config import IndexConfig
-from ..errors import CatalogError
+from ..errors import CatalogError, IndexBusy
 
 metadata = MetaData()
 
@@ -84,7 +93,18 @@ calibrations = Table(
     Column("details_json", Text, nullable=False),
 )
 
+bank_files = Table(
+    "bank_files", metadata,  # the committed generation's FAISS files, as written (older rows go at commit)
+    Column("generation", Integer, primary_key=True),
+    Column("bank", String(16), primary_key=True),  # "patches" or "images"
+    Column("bytes", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("vectors", Integer, nullable=False),
+)
+
 Index("ix_images_role", images.c.role)
+SQLITE_HEADER = b"SQLite format 3\x00"
+_BUSY = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: another connection holds it, nothing is damaged
 
 
 def _sqlite_pragmas(dbapi_connection, _record, wal: bool = True) -> None:
@@ -95,6 +115,13 @@ def _sqlite_pragmas(dbapi_connection, _record, wal: bool = True) -> None:
     cursor.execute("PRAGMA journal_mode=WAL" if wal else "PRAGMA journal_mode=DELETE")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line for an SQLite error: its name and the first line of its message."""
+    orig = getattr(exc, "orig", exc)
+    name = getattr(orig, "sqlite_errorname", None) or type(orig).__name__
+    return f"{name}: {(str(orig).splitlines() or [''])[0][:200]}"
 
 
 def migrate(engine: Engine) -> None:
@@ -123,19 +150,75 @@ def migrate(engine: Engine) -> None:
 
 
 class Catalog:
+    """The catalog at `path`: created (with the newest schema) when no file is there, else opened as it is
+    (an older schema upgraded) after a look that writes nothing. `wal`: False for a bundle (a rollback
+    journal keeps the whole catalog in meta.sqlite itself)."""
+
     def __init__(self, path: str | Path, wal: bool = True):
         self.path = Path(path)
+        if self.path.exists():
+            self._look()
         self.engine = create_engine(f"sqlite:///{self.path}", future=True)
         event.listen(self.engine, "connect", lambda conn, record: _sqlite_pragmas(conn, record, wal))
         try:
-            migrate(self.engine)
-        except CatalogError:
+            with self._guard():
+                migrate(self.engine)
+        except BaseException:
             self.engine.dispose()
             raise
-        except Exception as exc:  # a damaged file surfaces here as a DBAPI error
-            self.engine.dispose()
-            raise CatalogError(f"{self.path}: not a usable simsearch database ({exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0][:200]})") from None
+
+    def _look(self) -> None:
+        """Refuse a file that is not a simsearch catalog before anything (a pragma, a migration) writes to it."""
+        def refuse(why: str) -> CatalogError:
+            return CatalogError(f"{self.path}: not a usable simsearch database ({why}); nothing was changed. "
+                                "Restore it from a backup, or build the index again in a new folder")
+        with open(self.path, "rb") as fh:
+            header = fh.read(len(SQLITE_HEADER))
+        if not header:
+            raise refuse("the file is empty")
+        if header != SQLITE_HEADER:
+            raise refuse("not an SQLite file")
+        try:
+            with contextlib.closing(sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True)) as db:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as exc:
+            raise refuse(_reason(exc)) from None
+        if not {"alembic_version", "index_config"} <= tables:
+            raise refuse("no simsearch schema in it")
+
+    @contextlib.contextmanager
+    def _guard(self):
+        """SQLite's errors as the error tree's: busy as IndexBusy, anything else but a broken constraint (a bug,
+        kept as it is) as CatalogError: a damaged page answers nothing but that one line."""
+        try:
+            yield
+        except IntegrityError:
+            raise
+        except (DBAPIError, sqlite3.Error) as exc:
+            orig = getattr(exc, "orig", exc)
+            if getattr(orig, "sqlite_errorcode", 0) & 0xFF in _BUSY:
+                raise IndexBusy(f"{self.path} is busy ({_reason(exc)}); try again") from None
+            raise CatalogError(f"{self.path}: the catalog is damaged or unreadable ({_reason(exc)}); `simsearch "
+                               "index repair` cannot rebuild it: restore it from a backup, or build the index "
+                               "again in a new folder") from None
+
+    @contextlib.contextmanager
+    def connect(self):
+        """A connection for reads (errors as CatalogError, see `_guard`)."""
+        with self._guard(), self.engine.connect() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def begin(self):
+        """A write transaction, committed when the block ends (errors as CatalogError, see `_guard`)."""
+        with self._guard(), self.engine.begin() as conn:
+            yield conn
+
+    def quick_check(self) -> list[str]:
+        """SQLite's `PRAGMA quick_check` over every page: [] when sound, else its findings (at most 10)."""
+        with self.connect() as conn:
+            found = [r[0] for r in conn.execute(text("PRAGMA quick_check(10)"))]
+        return [] if found == ["ok"] else found
 
     def close(self) -> None:
         self.engine.dispose()
@@ -148,14 +231,14 @@ class Catalog:
 
     # -- configuration ------------------------------------------------------------------------
     def read_config(self) -> tuple[IndexConfig, dict] | None:
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             row = conn.execute(select(index_config)).mappings().first()
         if row is None:
             return None
         return IndexConfig.from_json(row["config_json"]), dict(row)
 
     def write_config(self, config: IndexConfig, version: str) -> None:
-        with self.engine.begin() as conn:
+        with self.begin() as conn:
             conn.execute(insert(index_config).values(
                 id=1, config_json=config.to_json(), fingerprint=config.fingerprint, generation=0,
                 next_vector_id=0, created_at=time.time(), simsearch_version=version))
@@ -165,13 +248,13 @@ class Catalog:
             return dict(c.execute(select(index_config.c.generation, index_config.c.next_vector_id)).mappings().one())
         if conn is not None:
             return run(conn)
-        with self.engine.connect() as c:
+        with self.connect() as c:
             return run(c)
 
     # -- images -------------------------------------------------------------------------------
     def known_hashes(self, hashes: list[str]) -> dict[str, dict]:
         out: dict[str, dict] = {}
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             for start in range(0, len(hashes), 500):
                 chunk = hashes[start:start + 500]
                 for row in conn.execute(select(images).where(images.c.sha256.in_(chunk))).mappings():
@@ -182,13 +265,13 @@ class Catalog:
         stmt = select(images).order_by(images.c.id)
         if role:
             stmt = stmt.where(images.c.role == role)
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             return [dict(r) for r in conn.execute(stmt).mappings()]
 
     def find_images(self, refs: list[str]) -> tuple[list[dict], list[str]]:
         """Images matching each ref (absolute path, as-stored path, full sha256 or a prefix of >= 8)."""
         found, missing = {}, []
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             for ref in refs:
                 conds = [images.c.path == ref, images.c.path == os.path.abspath(ref)]
                 if len(ref) >= 8 and all(c in "0123456789abcdef" for c in ref.lower()):
@@ -201,7 +284,7 @@ class Catalog:
         return list(found.values()), missing
 
     def counts(self) -> dict:
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             by_role = dict(conn.execute(select(images.c.role, func.count()).group_by(images.c.role)).all())
             n_vectors = conn.execute(select(func.count()).select_from(vectors)).scalar_one()
             n_tiles = conn.execute(select(func.count()).select_from(tiles)).scalar_one()
@@ -246,24 +329,54 @@ class Catalog:
         conn.execute(update(index_config).values(**values))
         return conn.execute(select(index_config.c.generation)).scalar_one()
 
+    def record_bank_files(self, conn: Connection, generation: int, files: dict[str, dict]) -> None:
+        """Record the files of `generation` (bank -> {bytes, sha256, vectors}), forgetting older generations'."""
+        conn.execute(delete(bank_files))
+        conn.execute(insert(bank_files), [dict(record, generation=generation, bank=bank)
+                                          for bank, record in files.items()])
+
+    def bank_state(self) -> tuple[int, dict[str, dict]]:
+        """(the committed generation, bank -> its recorded {bytes, sha256, vectors}), read together; no records
+        for an index written before they were kept."""
+        with self.connect() as conn, conn.begin():
+            generation = self.state(conn)["generation"]
+            return generation, self._bank_files(conn, generation)
+
+    @staticmethod
+    def _bank_files(conn: Connection, generation: int) -> dict[str, dict]:
+        rows = conn.execute(select(bank_files).where(bank_files.c.generation == generation)).mappings().all()
+        return {r["bank"]: {k: r[k] for k in ("bytes", "sha256", "vectors")} for r in rows}
+
+    def carry_calibration(self, conn: Connection, old: int, new: int, why: str) -> None:
+        """The latest calibration, if it was made on generation `old`, again for generation `new` (whose patch
+        bank is the same, so its scores are too)."""
+        row = conn.execute(select(calibrations).order_by(calibrations.c.id.desc()).limit(1)).mappings().first()
+        if row is not None and row["generation"] == old:
+            values = {k: v for k, v in row.items() if k != "id"}
+            conn.execute(insert(calibrations).values(**dict(values, generation=new, created_at=time.time(),
+                                                            method=f"{row['method']}; {why}")))
+
     def snapshot(self) -> dict:
-        """Generation, every vector id and every reference image id, read in one transaction (one state)."""
-        with self.engine.connect() as conn, conn.begin():
+        """Generation, its bank files' records (see `bank_state`), every vector id and every reference image id,
+        read in one transaction (one state)."""
+        with self.connect() as conn, conn.begin():
             state = self.state(conn)
+            files = self._bank_files(conn, state["generation"])
             ids = conn.execute(select(vectors.c.id).order_by(vectors.c.id)).scalars().all()
             refs = conn.execute(select(images.c.id).where(images.c.role == "reference")
                                 .order_by(images.c.id)).scalars().all()
-        return {**state, "vector_ids": np.asarray(ids, np.int64), "reference_ids": np.asarray(refs, np.int64)}
+        return {**state, "bank_files": files, "vector_ids": np.asarray(ids, np.int64),
+                "reference_ids": np.asarray(refs, np.int64)}
 
     def vector_owners(self) -> np.ndarray:
         """(N, 2) int64 [faiss id, image id] of every vector, by id."""
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(select(vectors.c.id, vectors.c.image_id).order_by(vectors.c.id)).all()
         return np.asarray(rows, np.int64).reshape(-1, 2)
 
     def image_cells(self, image_id: int) -> np.ndarray:
         """(N, 3) int64 [faiss id, row, col] of one image's stored vectors."""
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(select(vectors.c.id, vectors.c.row, vectors.c.col)
                                 .where(vectors.c.image_id == image_id).order_by(vectors.c.id)).all()
         return np.asarray(rows, np.int64).reshape(-1, 3)
@@ -276,18 +389,18 @@ class Catalog:
         stmt = (select(vectors.c.id, vectors.c.x, vectors.c.y, vectors.c.row, vectors.c.col,
                        images.c.path, images.c.sha256)
                 .join(images, images.c.id == vectors.c.image_id).where(vectors.c.id.in_(ids)))
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             return {r["id"]: dict(r) for r in conn.execute(stmt).mappings()}
 
     # -- calibration --------------------------------------------------------------------------
     def add_calibration(self, values: dict) -> int:
         values = dict(values)
         values["details_json"] = json.dumps(values.pop("details", {}), sort_keys=True)
-        with self.engine.begin() as conn:
+        with self.begin() as conn:
             return conn.execute(insert(calibrations).values(created_at=time.time(), **values)).inserted_primary_key[0]
 
     def latest_calibration(self) -> dict | None:
-        with self.engine.connect() as conn:
+        with self.connect() as conn:
             row = conn.execute(select(calibrations).order_by(calibrations.c.id.desc()).limit(1)).mappings().first()
         if row is None:
             return None

@@ -6,6 +6,8 @@
     <index>/weights/                    weights files and fine-tuned heads the index was built with
     <index>/uploads/                    images added over HTTP (kept so that `repair` can re-embed them)
     <index>/.lock                       the writer lock (an flock the kernel releases if the writer dies)
+    <index>/.spool-<pid>/               an add's new vectors on their way to the bank (store/spool.py); one
+                                        left by a killed writer is deleted by the next one
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from . import bankfiles
 
 DB = "meta.sqlite"
 LOCK = ".lock"
+SPOOL = ".spool-"
 
 
 def lock_timeout_s() -> float:
@@ -58,7 +61,8 @@ class IndexFolder:
         SIMSEARCH_LOCK_TIMEOUT seconds, then raises IndexBusy.
 
         `remove_strays_of_generation`: a callable giving the committed generation; once the lock is held,
-        the files of any other generation (left by a writer killed before its commit) are deleted."""
+        the files of any other generation (left by a writer killed before its commit) are deleted. Spool
+        folders are deleted in any case: only a writer holding the lock has one, so any found is stale."""
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         key = str(self.lock_path.resolve())
         try:
@@ -76,6 +80,8 @@ class IndexFolder:
             with _held_guard:
                 _held[key] = _held.get(key, 0) + 1
             try:
+                for stale in self.directory.glob(SPOOL + "*"):
+                    shutil.rmtree(stale, ignore_errors=True)
                 if remove_strays_of_generation is not None:
                     bankfiles.remove_stray(self.directory, remove_strays_of_generation())
                 yield
@@ -107,6 +113,18 @@ class IndexFolder:
         finally:
             os.close(fd)  # closing drops our lock, if we got it
 
+    @contextlib.contextmanager
+    def spool_folder(self):
+        """A folder for an add's temporary files inside the index (not $TMPDIR: a killed add's spool would stay
+        there forever), deleted when the block ends; only under the writer lock."""
+        folder = self.directory / f"{SPOOL}{os.getpid()}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     # -- files ----------------------------------------------------------------------------------
     def store_file(self, source: Path, stored: Path) -> None:
         """Copy `source` to `<index>/stored` (written under a temporary name, then renamed)."""
@@ -127,6 +145,8 @@ class IndexFolder:
         for path in [*self.directory.glob("patches*.faiss*"), *self.directory.glob("images*.faiss*")]:
             path.unlink(missing_ok=True)
         shutil.rmtree(self.directory / "weights", ignore_errors=True)
+        for spool in self.directory.glob(SPOOL + "*"):
+            shutil.rmtree(spool, ignore_errors=True)
         if remove_directory:
             with contextlib.suppress(OSError):
                 self.directory.rmdir()  # only if empty

@@ -231,12 +231,13 @@ class VectorIndex:
         return distances[:, 1:].mean(axis=1)  # the first is the vector itself (or an exact duplicate)
 
     def typical_spread(self, neighbours: int = SPREAD_NEIGHBOURS, sample: int = 4000) -> float:
-        """The median `spread` over `sample` stored vectors evenly spaced in id order (the same for the same
-        bank); kept until the index changes."""
+        """The median `spread` over `sample` stored vectors (all of them in a smaller bank), picked by their
+        content (`content_sample`), never by their ids: the same vectors give the same value whatever their ids
+        and order, so removing images and adding them again gives the same scores back. Kept until the index
+        changes."""
         if self._typical_spread is None or self._typical_spread[0] != neighbours:
-            ids = np.sort(self.ids())
-            picked = ids[np.unique(np.linspace(0, len(ids) - 1, min(sample, len(ids))).astype(np.int64))]
-            self._typical_spread = (neighbours, float(np.median(self.spread(picked, neighbours))))
+            ids = self.ids() if self.ntotal <= sample else content_sample(self.iter_vectors(), sample)
+            self._typical_spread = (neighbours, float(np.median(self.spread(ids, neighbours))))
         return self._typical_spread[1]
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -344,6 +345,27 @@ def build_from_blocks(kind: str, dim: int, n: int,
     if added != n:
         raise ValueError(f"the blocks held {added} vectors, not the {n} announced")
     return index
+
+
+def content_sample(blocks: Iterable[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray:
+    """The ids of the `n` vectors with the smallest hash of their bytes, from ((m,) ids, (m, D) vectors) blocks:
+    a uniform sample that depends on the set of vectors only (one pass, memory for one block and `n` keys)."""
+    best_keys, best_ids = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    weights = None
+    for ids, vectors in blocks:
+        words = np.ascontiguousarray(vectors, np.float32).view(np.uint32).astype(np.uint64)
+        if weights is None:  # odd multipliers, fixed: a multiply-add hash of the float bits, then mixed
+            weights = np.random.default_rng(0).integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)
+        with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
+            keys = (words * weights).sum(axis=1, dtype=np.uint64)
+            keys ^= keys >> np.uint64(31)
+            keys *= np.uint64(0x9E3779B97F4A7C15)
+            keys ^= keys >> np.uint64(29)
+        best_keys, best_ids = np.concatenate([best_keys, keys]), np.concatenate([best_ids, ids])
+        if len(best_keys) > n:
+            keep = np.argpartition(best_keys, n - 1)[:n]
+            best_keys, best_ids = best_keys[keep], best_ids[keep]
+    return np.sort(best_ids)
 
 
 def fsync_directory(directory: str | Path) -> None:

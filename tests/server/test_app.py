@@ -32,7 +32,7 @@ def client_for(monkeypatch, token: str | None = TOKEN, **settings) -> TestClient
         monkeypatch.delenv("SIMSEARCH_TOKEN", raising=False)
     else:
         monkeypatch.setenv("SIMSEARCH_TOKEN", token)
-    return TestClient(create_app(ServerSettings(**settings)))
+    return TestClient(create_app(ServerSettings(**settings)), base_url="http://localhost")
 
 
 def upload(*paths: Path) -> list:

@@ -50,7 +50,7 @@ def test_fresh_catalog_is_migrated_to_head(tmp_path, cat):
     assert _revision(tmp_path / "meta.sqlite") == [(_head(),)]
     with sqlite3.connect(tmp_path / "meta.sqlite") as db:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert tables == {"alembic_version", "index_config", "images", "tiles", "vectors", "calibrations"}
+    assert tables == {"alembic_version", "index_config", "images", "tiles", "vectors", "calibrations", "bank_files"}
     assert cat.read_config() is None
     # Opening it again does not migrate twice or fail.
     Catalog(tmp_path / "meta.sqlite").close()
