@@ -386,9 +386,9 @@ def test_nprobe_setting_reaches_the_loaded_bank_and_an_auto_ivf_bank_keeps_its_k
     engine.ingest.kind_policy = older_auto_policy("ivf-sq8")
     engine.add([str(p) for p in piped_train()[:4]])
     nlist = engine.bank.nlist
-    engine.bank.nprobe = 1
-    from simsearch.store.bankfiles import bank_path
-    engine.bank.save(bank_path(tmp_path / "default", "patches", engine.catalog.state()["generation"]))
+    with engine.writer_lock(), engine.banks.transaction() as txn:  # a committed bank file that says nprobe 1
+        txn.patches.nprobe = 1
+        txn.publish()
     engine.close()
     with Engine.open(tmp_path / "default") as reopened:
         assert reopened.bank.nprobe == default_nprobe(nlist)
