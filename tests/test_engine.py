@@ -387,8 +387,12 @@ def test_nprobe_setting_reaches_the_loaded_bank_and_an_auto_ivf_bank_keeps_its_k
     engine.add([str(p) for p in piped_train()[:4]])
     nlist = engine.bank.nlist
     engine.bank.nprobe = 1
-    from simsearch.store.bankfiles import bank_path
-    engine.bank.save(bank_path(tmp_path / "default", "patches", engine.catalog.state()["generation"]))
+    from simsearch.store.bankfiles import bank_path, file_record
+    generation, records = engine.catalog.bank_state()
+    path = bank_path(tmp_path / "default", "patches", generation)
+    engine.bank.save(path)
+    with engine.catalog.begin() as conn:  # committed so (else the changed file is refused as damaged)
+        engine.catalog.record_bank_files(conn, generation, {**records, "patches": file_record(path, engine.bank.ntotal)})
     engine.close()
     with Engine.open(tmp_path / "default") as reopened:
         assert reopened.bank.nprobe == default_nprobe(nlist)
