@@ -195,7 +195,8 @@ def damage_cases(work: Path, index: Path) -> list[str]:
         changed = "yes" if (copy / Engine.DB).read_bytes() != before else "no"
         query = attempt(lambda e: f"answered (score {e.query(probe).score:.2f})")
         repair = attempt(repaired)
-        calibration = attempt(lambda e: "fresh" if e.current_calibration()[0] else "stale")
+        calibration = "-" if repair.startswith("refused") else attempt(
+            lambda e: "fresh" if e.current_calibration()[0] else "stale")
         rows.append(f"| {name} | {check} | {query} | {repair} | {calibration} | {changed} |")
     return rows
 

@@ -9,7 +9,6 @@ import threading
 import time
 
 import httpx
-import pytest
 import uvicorn
 
 from realdata import needs_piped, piped_test
