@@ -1,27 +1,58 @@
-"""Calibration of an index: thresholds from good images outside the bank, stored in the catalog, and
-whether the latest one is fresh for the bank a query scores against. The threshold rule itself (order
-statistics) is in calibration.py.
+"""Calibration of an index: thresholds and applicability limits from good images outside the bank, stored in
+the catalog, and whether the latest one holds for the bank a query scores against. The threshold rule itself
+(order statistics) is in calibration.py, the applicability checks in applicability.py.
+
+Good images come from one of two sources:
+- calibration images: held out at `index add --holdout`, or given to `calibrate` (then remembered);
+- folds of the bank itself (`calibrate --folds K`): each bank image scored against the bank without its fold,
+  as `simsearch eval` does. Those banks are 1/K smaller than the real one, so the scores run a little high
+  and the false-alarm rate on new good parts comes out at or below the promise, not above it.
 
 A calibration records the bank generation it was measured on: the one its scores came from (the view
-taken before scoring), never a later one a writer committed meanwhile.
+taken before scoring), never a later one a writer committed meanwhile. A writer that changes the bank
+recalibrates inside its own transaction (`after_write`), so the new generation and its calibration are
+committed together; when it cannot (or is told not to), an add carries the old calibration over, marked as
+predating the add (more references shorten nearest-neighbour distances, so its threshold still bounds the
+false alarms), and a remove leaves the index uncalibrated (scores can rise).
 """
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
 
+from . import applicability
 from .calibration import f1_best_threshold, threshold_for_fpr
-from .errors import BadInput, IndexNotReady
-from .images import expand_paths, load_image
+from .errors import BadInput, ImageError, IndexNotReady, SimsearchError
+from .images import Image, expand_paths, load_image
+from .ingest import pooled_vector
 from .records import Calibration, Progress
-from .scoring import region_level
+from .scoring import region_level, score_grid
+from .store.banks import BankView
+
+HOLDOUT, FOLDS = "calibration images", "folds"
+
+
+@dataclass
+class GoodMeasure:
+    """One good image as a calibration sees it."""
+
+    score: float  # image score
+    level: float  # region level of its map (see scoring.region_level)
+    pooled_distance: float  # its pooled vector's L2 distance to the nearest reference image
+    stats: dict  # applicability.image_stats
+
+
+def fold_of(n: int, folds: int) -> np.ndarray:
+    """(n,) fold number of each of n images, in their stored order (every folds-th image in one fold)."""
+    return np.arange(n) % folds
 
 
 class Calibrator:
-    """Calibrations of one index: `index` is the Engine (catalog, bank store, inspector, writer lock)."""
+    """Calibrations of one index: `index` is the Engine (catalog, bank store, embedder, writer lock)."""
 
     def __init__(self, index):
         self.index = index
@@ -30,16 +61,21 @@ class Calibrator:
         return self.index.catalog.latest_calibration()
 
     def current(self, generation: int | None = None) -> tuple[dict | None, str | None]:
-        """(latest calibration if fresh for bank `generation` (default: the committed one), warning if there
-        is none or it is stale)."""
+        """(the calibration that gives verdicts on bank `generation` (default: the committed one) or None,
+        a warning when there is none, or when it predates adds since)."""
         cal = self.latest()
         if cal is None:
-            return None, "not calibrated: run `simsearch calibrate` to get verdicts"
+            return None, "not calibrated: run `simsearch calibrate` (or POST .../calibrate) to get verdicts"
         if generation is None:
             generation = self.index.catalog.state()["generation"]
         if cal["generation"] != generation:
             return None, (f"calibration {cal['id']} was made on bank generation {cal['generation']}, the bank is now "
-                          f"at {generation}: run `simsearch calibrate` again to get verdicts")
+                          f"at {generation} after a change that can raise scores: recalibrate to get verdicts")
+        predates = cal["details"].get("predates_adds_since")
+        if predates is not None:
+            return cal, (f"calibration {cal['id']} was measured on bank generation {predates}, before the adds since: "
+                         "verdicts use its thresholds (false alarms stay near its rate, sensitivity may have "
+                         "dropped); recalibrate to measure it again")
         return cal, None
 
     def default_min_region_area(self, height: int, width: int) -> int:
@@ -47,6 +83,63 @@ class Calibrator:
         config = self.index.config
         side = 2 * config.patch_stride / config.scale_for(height, width)
         return int(round(side * side))
+
+    # -- measuring ----------------------------------------------------------------------------------------
+    def _measure(self, img: Image, bank, other_pooled: np.ndarray, area: int) -> GoodMeasure:
+        """One good image scored against `bank`; its pooled distance to `other_pooled` ((M, D) references)."""
+        scored = score_grid(bank, self.index.embedder.embed(img), self.index.config.search)
+        pooled = pooled_vector(scored.grid)
+        distance = float(applicability.nearest_distances(pooled[None, :], other_pooled)[0])
+        return GoodMeasure(scored.score, region_level(scored.anomaly_map, area), distance,
+                           applicability.image_stats(img.rgb))
+
+    def _held_measures(self, files: list[str], view: BankView, area: int, progress: Progress | None,
+                       new_rows: dict | None = None) -> list[GoodMeasure]:
+        """Calibration images scored against the whole bank (one measure per distinct image)."""
+        _ids, pooled = view.images.all_vectors()
+        measures, seen = [], set()
+        for i, path in enumerate(files):
+            if progress:
+                progress("scoring", i, len(files))
+            img = load_image(path)
+            if img.sha256 in seen:
+                continue  # the same image under another name: one score, not two
+            seen.add(img.sha256)
+            measures.append(self._measure(img, view.patches, pooled, area))
+            if new_rows is not None:
+                new_rows[img.sha256] = dict(path=os.path.abspath(path), sha256=img.sha256, width=img.width,
+                                            height=img.height, added_at=time.time())
+        if progress:
+            progress("scoring", len(files), len(files))
+        return measures
+
+    def _fold_measures(self, view: BankView, folds: int, area: int, progress: Progress | None) -> list[GoodMeasure]:
+        """Every bank image scored against the bank without its fold (re-embedded from its file, all patches)."""
+        catalog = self.index.catalog
+        refs = catalog.images("reference")
+        if len(refs) < 2:
+            raise IndexNotReady(f"--folds needs at least 2 reference images, the index has {len(refs)}")
+        folds = max(2, min(int(folds), len(refs)))
+        owners = catalog.vector_owners()
+        pooled_ids, pooled = view.images.all_vectors()
+        fold = fold_of(len(refs), folds)
+        measures = []
+        for f in range(folds):
+            members = [refs[i] for i in np.flatnonzero(fold == f)]
+            member_ids = np.asarray([r["id"] for r in members], np.int64)
+            bank = view.patches.clone()
+            bank.remove(owners[np.isin(owners[:, 1], member_ids), 0])
+            others = pooled[~np.isin(pooled_ids, member_ids)]
+            for row in members:
+                if progress:
+                    progress("scoring folds", len(measures), len(refs))
+                img = load_image(row["path"])
+                if img.sha256 != row["sha256"]:
+                    raise ImageError(f"{row['path']}: changed since it was added to the bank; cannot score it")
+                measures.append(self._measure(img, bank, others, area))
+        if progress:
+            progress("scoring folds", len(refs), len(refs))
+        return measures
 
     def _good_files(self, good: Iterable[str] | None) -> tuple[list[str], bool]:
         """(the good files to score, whether they were given rather than held out)."""
@@ -60,70 +153,133 @@ class Calibrator:
             members = [r["path"] for r in in_bank.values() if r["role"] == "reference"]
             if members:
                 raise BadInput(f"{len(members)} of these good images are in the bank (e.g. {members[0]}); "
-                               "bank images score zero against themselves and cannot calibrate")
+                               "bank images score zero against themselves: calibrate with --folds instead")
             return files, True
         held = catalog.images("calibration")
         if not held:
-            raise IndexNotReady("no held-out images to calibrate on: give good images that are not in the bank, "
-                                "or add images with --holdout")
+            raise IndexNotReady("no calibration images: give good images that are not in the bank, calibrate on "
+                                "the bank itself with --folds 5, or move some bank images out with "
+                                "`simsearch index holdout`")
         return [r["path"] for r in held], False
 
-    def calibrate(self, good: Iterable[str] | None = None, *, target_fpr: float = 0.01,
+    def _first_size(self, files: list[str]) -> tuple[int, int]:
+        first = load_image(files[0])
+        return first.height, first.width
+
+    # -- calibrating --------------------------------------------------------------------------------------
+    def calibrate(self, good: Iterable[str] | None = None, *, folds: int | None = None, target_fpr: float = 0.01,
                   defects: Iterable[str] | None = None, min_region_area: int | None = None,
                   progress: Progress | None = None) -> Calibration:
-        """Thresholds from good images outside the bank (default: the held-out ones); see calibration.py."""
+        """Thresholds from good images outside the bank (default: the calibration images), or from folds of
+        the bank (`folds`); see the module docstring and calibration.py."""
         if not 0 < target_fpr < 1:
             raise BadInput(f"target false-positive rate must be in (0, 1), got {target_fpr}")
-        good_files, given = self._good_files(good)
+        if folds is not None and (good or folds < 2):
+            raise BadInput("--folds takes no good images (it scores the bank's own) and needs K >= 2"
+                           if good else f"--folds must be >= 2, got {folds}")
+        good_files, given = ([], False) if folds is not None else self._good_files(good)
         defect_files = expand_paths(list(defects))[0] if defects else []
         if defects and not defect_files:
             raise BadInput(f"no images in {', '.join(defects)}")
         if min_region_area is None:  # sized on the first good image (images of one product share a size)
-            first = load_image(good_files[0])
-            min_region_area = self.default_min_region_area(first.height, first.width)
+            sized = good_files or [r["path"] for r in self.index.catalog.images("reference")[:1]]
+            if not sized:
+                raise IndexNotReady("the index has no reference images yet (run `simsearch index add`)")
+            min_region_area = self.default_min_region_area(*self._first_size(sized))
         area = int(min_region_area)
         if area < 1:
             raise BadInput(f"min region area must be >= 1 px, got {area}")
         view = self.index.banks.view()  # the generation every score below comes from
-        inspector = self.index.inspector
-        total = len(good_files) + len(defect_files)
-        good_scores, levels, defect_scores, new_rows = [], [], [], {}
-        for i, path in enumerate(good_files + defect_files):
-            if progress:
-                progress("scoring", i, total)
-            img = load_image(path)
-            if i < len(good_files) and img.sha256 in new_rows:
-                continue  # the same image under another name: one score, not two
-            scored = inspector.score(img, view)
-            if i < len(good_files):
-                good_scores.append(scored.score)
-                levels.append(region_level(scored.anomaly_map, area))
-                new_rows.setdefault(img.sha256, dict(path=os.path.abspath(path), sha256=img.sha256, width=img.width,
-                                                     height=img.height, added_at=time.time()))
-            else:
-                defect_scores.append(scored.score)
-        if progress:
-            progress("scoring", total, total)
+        if view.patches.ntotal == 0:
+            raise IndexNotReady("the index has no reference images yet (run `simsearch index add`)")
+        new_rows: dict = {}
+        if folds is not None:
+            measures, source = self._fold_measures(view, folds, area, progress), {"kind": FOLDS, "folds": folds}
+        else:
+            measures = self._held_measures(good_files, view, area, progress, new_rows)
+            source = {"kind": HOLDOUT}
+        defect_scores = [self.index.inspector.score(load_image(p), view).score for p in defect_files]
+        values = self._values(measures, defect_scores, target_fpr, area, view.generation, source)
+        catalog = self.index.catalog
+        with self.index.writer_lock():
+            with catalog.begin() as conn:
+                if given:  # remember the given good images so that a later `calibrate` can re-score them
+                    known = catalog.known_hashes(list(new_rows))
+                    catalog.insert_calibration_images(conn, [r for s, r in new_rows.items() if s not in known])
+                cal_id = catalog.insert_calibration(conn, values)
+        return self._record(cal_id, values)
+
+    def _values(self, measures: list[GoodMeasure], defect_scores: list[float], target_fpr: float, area: int,
+                generation: int, source: dict) -> dict:
+        """The calibrations row of these measures."""
+        good_scores = [m.score for m in measures]
+        levels = [m.level for m in measures]
         image_choice = threshold_for_fpr(np.asarray(good_scores), target_fpr)
         pixel_choice = threshold_for_fpr(np.asarray(levels), target_fpr)
         f1_t = f1 = None
         if defect_scores:
             f1_t, f1 = f1_best_threshold(np.asarray(good_scores), np.asarray(defect_scores))
         method = image_choice.describe("image") + "; " + pixel_choice.describe(f"pixel (regions of >= {area} px)")
+        if source["kind"] == FOLDS:
+            method += (f"; good scores from {source['folds']} folds of the bank, each against the bank without it "
+                       "(a smaller bank: false alarms at or below that rate)")
+        limits = applicability.fit_limits([m.stats for m in measures], [m.pooled_distance for m in measures])
+        return dict(generation=generation, target_fpr=target_fpr, image_threshold=image_choice.threshold,
+                    pixel_threshold=pixel_choice.threshold, min_region_area=area, f1_threshold=f1_t,
+                    n_good=len(good_scores), n_defect=len(defect_scores), method=method,
+                    details={"good_scores": good_scores, "defect_scores": defect_scores, "region_levels": levels,
+                             "expected_fpr": image_choice.expected_fpr, "k": image_choice.k,
+                             "target_met": image_choice.target_met, "f1": f1, "source": source,
+                             "applicability": limits})
+
+    @staticmethod
+    def _record(cal_id: int, values: dict) -> Calibration:
+        return Calibration(id=cal_id, image_threshold=values["image_threshold"],
+                           pixel_threshold=values["pixel_threshold"], min_region_area=values["min_region_area"],
+                           target_fpr=values["target_fpr"], expected_fpr=values["details"]["expected_fpr"],
+                           n_good=values["n_good"], n_defect=values["n_defect"], method=values["method"],
+                           f1_threshold=values["f1_threshold"], f1=values["details"]["f1"],
+                           generation=values["generation"])
+
+    # -- after a write ------------------------------------------------------------------------------------
+    def after_write(self, txn, change: str, recalibrate: bool) -> str | None:
+        """Called by a writer inside its bank transaction, after `publish`: recalibrate on the new generation
+        with the latest calibration's source and settings, committed with it; else, after an add that kept the
+        bank's kind, carry the calibration over as predating it. `change`: "add" or "remove". Returns a note
+        for the writer's report (why it did not recalibrate), or None."""
         catalog = self.index.catalog
-        with self.index.writer_lock():
-            if given:  # remember the given good images so that a later `calibrate` can re-score them
-                known = catalog.known_hashes(list(new_rows))
-                with catalog.begin() as conn:
-                    catalog.insert_calibration_images(conn, [r for s, r in new_rows.items() if s not in known])
-            cal_id = catalog.add_calibration(dict(
-                generation=view.generation, target_fpr=target_fpr, image_threshold=image_choice.threshold,
-                pixel_threshold=pixel_choice.threshold, min_region_area=area, f1_threshold=f1_t,
-                n_good=len(good_scores), n_defect=len(defect_scores), method=method,
-                details={"good_scores": good_scores, "defect_scores": defect_scores, "region_levels": levels,
-                         "expected_fpr": image_choice.expected_fpr, "k": image_choice.k,
-                         "target_met": image_choice.target_met, "f1": f1}))
-        return Calibration(id=cal_id, image_threshold=image_choice.threshold, pixel_threshold=pixel_choice.threshold,
-                           min_region_area=area, target_fpr=target_fpr, expected_fpr=image_choice.expected_fpr,
-                           n_good=len(good_scores), n_defect=len(defect_scores), method=method,
-                           f1_threshold=f1_t, f1=f1, generation=view.generation)
+        latest = catalog.latest_calibration(txn.conn)
+        if latest is None or txn.published is None:
+            return None
+        note = None
+        if recalibrate:
+            try:
+                values = self._recalibration(latest, txn.published)
+                catalog.insert_calibration(txn.conn, values)
+                return None
+            except SimsearchError as exc:
+                note = f"not recalibrated ({exc})"
+        else:
+            note = "not recalibrated (asked not to)"
+        same_kind = txn.published.patches.kind == txn.base.patches.kind
+        if change == "add" and same_kind and latest["generation"] == txn.base.generation:
+            since = latest["details"].get("predates_adds_since", latest["generation"])
+            catalog.carry_calibration(txn.conn, txn.base.generation, txn.published.generation,
+                                      f"carried over to generation {txn.published.generation}, predating the add",
+                                      {"predates_adds_since": since})
+            return note + "; verdicts keep its thresholds, marked as predating the add"
+        return note + "; verdicts are null until the index is recalibrated (scores can rise after a remove)"
+
+    def _recalibration(self, latest: dict, view: BankView) -> dict:
+        """The latest calibration measured again on `view`, from the same source with the same settings
+        (labelled defects are not stored: the F1 threshold is left out)."""
+        source = latest["details"].get("source", {"kind": HOLDOUT})
+        area, target = int(latest["min_region_area"]), float(latest["target_fpr"])
+        if source["kind"] == FOLDS:
+            measures = self._fold_measures(view, int(source["folds"]), area, None)
+        else:
+            held = self.index.catalog.images("calibration")
+            if not held:
+                raise IndexNotReady("the index holds no calibration images")
+            measures = self._held_measures([r["path"] for r in held], view, area, None)
+        return self._values(measures, [], target, area, view.generation, source)

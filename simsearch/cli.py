@@ -22,10 +22,13 @@ from .version import __version__
 # The engine (faiss, OpenCV, SQLAlchemy) and the models (torch or ONNX Runtime) load inside the commands that
 # use them, so that `simsearch --help`, `--version` and the like start at once.
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Find defects by similarity to good images.")
-index_app = typer.Typer(no_args_is_help=True, help="Build and inspect the index of good images.")
+# Plain (click) help: typer's rich panels label every flag as taking a value (`--json <bool>`), and cost start-up.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Find defects by similarity to good images.")
+index_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Build and inspect the index of good images.")
 app.add_typer(index_app, name="index")
-bundle_app = typer.Typer(no_args_is_help=True, help="Bundles: checksummed copies of an index for a line PC.")
+bundle_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="Bundles: checksummed copies of an index for a line PC.")
 app.add_typer(bundle_app, name="bundle")
 
 # Paths and messages are printed as they are: never read as rich markup or emoji codes (`part[v2].png`,
@@ -35,6 +38,8 @@ out = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 IndexDir = Annotated[Path, typer.Option("--index", envvar="SIMSEARCH_INDEX", help="Index directory.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+RecalibrateFlag = Annotated[bool, typer.Option(help="Measure the calibration again on the new bank, in the same "
+                                                    "commit (when the index is calibrated).")]
 # Embedder options shared by `index add` (fixed at creation) and `eval` (for its fresh indexes).
 BackboneOpt = Annotated[Optional[str], typer.Option(help="timm model name (default tf_efficientnet_lite1).")]
 ScaleOpt = Annotated[Optional[float], typer.Option(help="A fixed resize factor before tiling, instead of the "
@@ -138,6 +143,7 @@ def index_add(
     dims: Annotated[Optional[int], typer.Option(help="Reduce patch vectors to this many dimensions.")] = None,
     index_kind: IndexKindOpt = None,
     nprobe: NprobeOpt = None,
+    recalibrate: RecalibrateFlag = True,
     as_json: JsonFlag = False,
 ):
     """Add good images to the bank (creates the index on first use)."""
@@ -151,7 +157,7 @@ def index_add(
     try:
         with user_errors():
             with Engine.open_or_create(index, **options) as engine, staged_progress() as update:
-                report = engine.add(paths, holdout=holdout, coreset=coreset, progress=update)
+                report = engine.add(paths, holdout=holdout, coreset=coreset, progress=update, recalibrate=recalibrate)
     except typer.Exit:
         if not index_existed:  # a first add that failed leaves no empty index behind
             Engine.discard_new(index, remove_directory=not dir_existed)
@@ -159,13 +165,16 @@ def index_add(
     if as_json:
         emit_json({"added": report.added, "held_out": report.held_out,
                    "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
-                   "vectors_added": report.vectors_added, "generation": report.generation})
+                   "vectors_added": report.vectors_added, "generation": report.generation,
+                   "calibration": report.calibration})
         return
     out.print(f"added {len(report.added)} images ({report.vectors_added} patch vectors), "
               f"held out {len(report.held_out)} for calibration, skipped {len(report.skipped)}; "
               f"bank generation {report.generation}")
     for path, reason in report.skipped:
         out.print(f"  skipped {path}: {reason}")
+    if report.calibration:
+        say("warning", f"calibration: {report.calibration}")
 
 
 def on_index(index: Path, action):
@@ -194,16 +203,32 @@ def index_info(index: IndexDir = Path("index"), as_json: JsonFlag = False):
         out.print(f"{key:<{width}}  {value}")
 
 
-@index_app.command("remove")
-def index_remove(refs: Annotated[list[str], typer.Argument(help="Image paths or sha256 (prefix of >= 8).")],
-                 index: IndexDir = Path("index"), as_json: JsonFlag = False):
-    """Remove images (their vectors and rows go together)."""
-    result = on_index(index, lambda engine: engine.remove(refs))
+ImageRefs = Annotated[list[str], typer.Argument(help="Image paths or sha256 (prefix of >= 8).")]
+
+
+def print_removal(result: dict, as_json: bool, what: str) -> None:
     if as_json:
         emit_json(result)
-    else:
-        out.print(f"removed {len(result['removed'])} images ({result['vectors_removed']} vectors); "
-                  f"bank generation {result['generation']}")
+        return
+    out.print(f"{what} {len(result['held_out' if what == 'held out' else 'removed'])} images "
+              f"({result['vectors_removed']} vectors left the bank); bank generation {result['generation']}")
+    if result["calibration"]:
+        say("warning", f"calibration: {result['calibration']}")
+
+
+@index_app.command("remove")
+def index_remove(refs: ImageRefs, index: IndexDir = Path("index"), recalibrate: RecalibrateFlag = True,
+                 as_json: JsonFlag = False):
+    """Remove images (their vectors and rows go together)."""
+    print_removal(on_index(index, lambda engine: engine.remove(refs, recalibrate=recalibrate)), as_json, "removed")
+
+
+@index_app.command("holdout")
+def index_holdout(refs: ImageRefs, index: IndexDir = Path("index"), recalibrate: RecalibrateFlag = True,
+                  as_json: JsonFlag = False):
+    """Move bank images into the calibration set (out of the bank, kept to calibrate on)."""
+    print_removal(on_index(index, lambda engine: engine.hold_out(refs, recalibrate=recalibrate)), as_json,
+                  "held out")
 
 
 @index_app.command("check")
@@ -243,19 +268,23 @@ def index_repair(index: IndexDir = Path("index"), as_json: JsonFlag = False):
 
 @app.command()
 def calibrate(
-    good: Annotated[Optional[list[str]], typer.Argument(help="Good images NOT in the bank (default: held-out).")] = None,
+    good: Annotated[Optional[list[str]], typer.Argument(help="Good images NOT in the bank (default: the "
+                                                             "calibration images: held out, or given before).")] = None,
     index: IndexDir = Path("index"),
+    folds: Annotated[Optional[int], typer.Option(help="Calibrate on the bank itself: each of K folds of its images "
+                                                      "scored against the bank without them.")] = None,
     target_fpr: Annotated[float, typer.Option(help="Target false-positive rate on good parts.")] = 0.01,
     defects: Annotated[Optional[list[str]], typer.Option(help="Labelled defective images (F1 threshold).")] = None,
     min_region_area: Annotated[Optional[int], typer.Option(help="Smallest region in pixels.")] = None,
     as_json: JsonFlag = False,
 ):
-    """Choose thresholds from good images outside the bank."""
+    """Choose thresholds (and the limits of the foreign-image check) from good images outside the bank, or
+    from folds of the bank (--folds)."""
     from .engine import Engine
 
     with user_errors():
         with Engine.open(index) as engine, staged_progress() as update:
-            cal = engine.calibrate(good or None, target_fpr=target_fpr, defects=defects or None,
+            cal = engine.calibrate(good or None, folds=folds, target_fpr=target_fpr, defects=defects or None,
                                    min_region_area=min_region_area, progress=update)
     if as_json:
         emit_json(vars(cal))
@@ -269,30 +298,44 @@ def calibrate(
                   f"{cal.f1_threshold:.4f} (F1 {cal.f1:.3f}); verdicts use the target-rate threshold")
 
 
+VERDICTS = {None: "-", True: "ANOMALOUS", False: "ok"}
+
+
+def verdict_word(result) -> str:
+    """ANOMALOUS / ok, FOREIGN for an image unlike the bank's (no verdict), - without a calibration."""
+    return "FOREIGN" if result.comparable is False else VERDICTS[result.is_anomalous]
+
+
 @app.command()
 def query(
-    images: Annotated[list[str], typer.Argument(help="Images to inspect.")],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
     index: IndexDir = Path("index"),
     heatmap_dir: Annotated[Optional[Path], typer.Option(help="Write a heatmap overlay PNG per image here.")] = None,
     as_json: JsonFlag = False,
 ):
     """Score images against the bank: verdict, score, regions and their nearest good patches."""
     from .engine import Engine
-    from .images import load_image
+    from .images import expand_paths, load_image
     from .records import query_record
     from .report import write_heatmap
 
     failures = 0
     taken: set[str] = set()
     with user_errors():
+        files, skipped = expand_paths(images)
+        if not files:
+            raise BadInput(f"no image files in {', '.join(images)}" +
+                           (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
         engine = Engine.open(index)
+    for path, reason in skipped:
+        say("skipped", f"{path}: {reason}")
     with engine:
         _cal, warning = engine.current_calibration()
         if warning:
             say("warning", warning)
         if not as_json:
             out.print("verdict     score  similarity  regions  image")
-        for path in images:
+        for path in files:
             try:
                 img = load_image(path)
                 result = engine.query(img)
@@ -305,9 +348,11 @@ def query(
             if as_json:
                 emit_json(query_record(result))
             else:
-                verdict = {None: "-", True: "ANOMALOUS", False: "ok"}[result.is_anomalous]
                 sim = "-" if result.similarity is None else f"{result.similarity:.3f}"
-                out.print(f"{verdict:<9} {result.score:8.4f}  {sim:>10}  {len(result.regions):>7}  {result.image}")
+                out.print(f"{verdict_word(result):<9} {result.score:8.4f}  {sim:>10}  {len(result.regions):>7}  "
+                          f"{result.image}")
+                if result.comparable is False:
+                    say("foreign", f"{result.image}: {result.warning}")
     if failures:
         raise typer.Exit(failures)
 
@@ -319,7 +364,8 @@ def search(
     top_k: Annotated[int, typer.Option(help="How many reference images.")] = 5,
     as_json: JsonFlag = False,
 ):
-    """The reference images most similar to IMAGE overall."""
+    """The reference images most similar to IMAGE overall: the cosine of their pooled (mean) patch vectors
+    (1 = the same look) and the L2 distance between them. Not query's similarity, which compares patches."""
     from .engine import Engine
 
     with user_errors():
@@ -328,8 +374,9 @@ def search(
     if as_json:
         emit_json({"image": image, "results": hits})
         return
+    out.print("  cosine  distance  reference image")
     for hit in hits:
-        out.print(f"{hit['similarity']:.4f}  {hit['distance']:.4f}  {hit['image']}")
+        out.print(f"{hit['cosine']:8.4f}  {hit['distance']:8.4f}  {hit['image']}")
 
 
 @app.command("export")

@@ -39,6 +39,7 @@ from .records import AddReport, Calibration, NearestReference, Progress, QueryRe
 from .store.banks import BankStore
 from .store.catalog import Catalog
 from .store.layout import DB, IndexFolder
+from .store.querylog import QueryLog
 from .store.vectors import VectorIndex, fsync_directory
 
 # The error classes and records are part of the API; they live in errors.py and records.py.
@@ -60,6 +61,8 @@ class Engine:
         self.inspector = Inspector(self)
         self.calibrations = Calibrator(self)
         self.checker = Checker(self)
+        self.query_log = QueryLog(self.directory)
+        self.record_queries = True  # queries log their scores for drift (store/querylog.py); False: they do not
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -217,19 +220,26 @@ class Engine:
 
     # -- writing ------------------------------------------------------------------------------
     def add(self, inputs: Iterable[str | os.PathLike], *, holdout: float = 0.0, coreset: float | None = None,
-            progress: Progress | None = None) -> AddReport:
+            progress: Progress | None = None, recalibrate: bool = True) -> AddReport:
         """Add good images (files, folders, globs) to the bank.
 
         `holdout`: a deterministic fraction of the new images (the smallest sha256 values) is kept out of the
         bank and recorded for calibration. `coreset`: keep this fraction of the new patch vectors (greedy
         k-center against the existing bank). Explicitly named files that cannot be read abort the whole add
         (nothing is written); unreadable files found inside folders are skipped and reported.
+        `recalibrate`: measure the latest calibration again on the new bank, in the same commit (see
+        calibrator.py; the report's `calibration` says why not, when it could not).
         """
-        return self.ingest.add(inputs, holdout=holdout, coreset=coreset, progress=progress)
+        return self.ingest.add(inputs, holdout=holdout, coreset=coreset, progress=progress, recalibrate=recalibrate)
 
-    def remove(self, refs: Iterable[str]) -> dict:
+    def remove(self, refs: Iterable[str], *, recalibrate: bool = True) -> dict:
         """Remove images by path or sha256 (prefix of >= 8 hex digits): their vectors and rows go together."""
-        return remove_images(self, refs)
+        return remove_images(self, refs, recalibrate=recalibrate)
+
+    def hold_out(self, refs: Iterable[str], *, recalibrate: bool = True) -> dict:
+        """Move bank images (paths or sha256 prefixes) into the calibration set: out of the bank, kept as
+        calibration images, then the index recalibrated on them (when it was calibrated)."""
+        return remove_images(self, refs, recalibrate=recalibrate, hold_out=True)
 
     # -- inspection ---------------------------------------------------------------------------
     def query(self, image: str | os.PathLike | np.ndarray) -> QueryResult:
@@ -245,15 +255,16 @@ class Engine:
         return self.inspector.search(image, k)
 
     # -- calibration --------------------------------------------------------------------------
-    def calibrate(self, good: Iterable[str] | None = None, *, target_fpr: float = 0.01,
+    def calibrate(self, good: Iterable[str] | None = None, *, folds: int | None = None, target_fpr: float = 0.01,
                   defects: Iterable[str] | None = None, min_region_area: int | None = None,
                   progress: Progress | None = None) -> Calibration:
-        """Thresholds from good images outside the bank (default: the held-out ones); see calibration.py."""
-        return self.calibrations.calibrate(good, target_fpr=target_fpr, defects=defects,
+        """Thresholds from good images outside the bank (default: the calibration images), or from `folds`
+        folds of the bank itself; see calibrator.py and calibration.py."""
+        return self.calibrations.calibrate(good, folds=folds, target_fpr=target_fpr, defects=defects,
                                            min_region_area=min_region_area, progress=progress)
 
     def current_calibration(self) -> tuple[dict | None, str | None]:
-        """(latest calibration if fresh, warning if there is none or it is stale)."""
+        """(the calibration verdicts use, or None; a warning if there is none, or it predates adds since)."""
         return self.calibrations.current()
 
     def latest_calibration(self) -> dict | None:
@@ -307,7 +318,15 @@ class Engine:
             "calibration": None if latest is None else {
                 k: latest[k] for k in ("id", "image_threshold", "pixel_threshold", "min_region_area", "target_fpr",
                                        "f1_threshold", "n_good", "n_defect", "generation", "method")},
-            "calibration_fresh": cal is not None, "warning": warning, "bytes_on_disk": self.folder.bytes_on_disk(),
-            "config": self.config.to_dict(),
+            "calibration_fresh": cal is not None and warning is None, "verdicts": cal is not None,
+            "calibration_generation": None if cal is None else cal["details"].get("predates_adds_since",
+                                                                                  cal["generation"]),
+            "warning": warning, "drift": self.drift() if cal is not None else None,
+            "bytes_on_disk": self.folder.bytes_on_disk(), "config": self.config.to_dict(),
         }
+
+    def drift(self) -> dict:
+        """How recent queries' scores compare with the calibration's good images (drift.py)."""
+        from .drift import WINDOW, drift_summary
+        return drift_summary(*self.query_log.recent(WINDOW))
 

@@ -88,7 +88,7 @@ class Ingest:
         self.kind_policy = choose_kind
 
     def add(self, inputs: Iterable[str | os.PathLike], *, holdout: float = 0.0, coreset: float | None = None,
-            progress: Progress | None = None) -> AddReport:
+            progress: Progress | None = None, recalibrate: bool = True) -> AddReport:
         from .coreset import sampler_for
 
         if not 0 <= holdout < 1:
@@ -96,6 +96,9 @@ class Ingest:
         sampler = sampler_for(coreset)
         inputs = [os.fspath(p) for p in inputs]
         files, skipped = expand_paths(inputs)
+        if not files:
+            why = f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+            raise BadInput(f"no image files in {', '.join(inputs) or 'nothing'}{why}; nothing was added")
         # Named paths that are not folders (a FIFO among them): failing to read one aborts the add.
         explicit = {os.path.abspath(p) for p in inputs if os.path.exists(p) and not os.path.isdir(p)}
         report = AddReport(skipped=list(skipped))
@@ -113,7 +116,8 @@ class Ingest:
                 new_refs, new_held = self._embed_new(todo, held, explicit, report, spool, progress)
                 if progress:
                     progress("writing", len(todo), len(todo))
-                report.vectors_added, report.generation = self._write(new_refs, new_held, spool, sampler)
+                report.vectors_added, report.generation, report.calibration = self._write(
+                    new_refs, new_held, spool, sampler, recalibrate)
         return report
 
     def _hash_new(self, files: list[str], explicit: set[str], report: AddReport) -> dict[str, str]:
@@ -178,13 +182,14 @@ class Ingest:
         return new_refs, new_held
 
     def _write(self, new_refs: list[NewReference], new_held: list[dict], spool: VectorSpool,
-               sampler: KeepAll) -> tuple[int, int]:
+               sampler: KeepAll, recalibrate: bool) -> tuple[int, int, str | None]:
         """One transaction: catalog rows, then the bank grown from the spool (block by block), then the
-        next generation's files; its commit makes the add take effect."""
+        next generation's files and its calibration; its commit makes the add take effect.
+        Returns (vectors added, generation, a note on the calibration or None)."""
         catalog, config = self.index.catalog, self.index.config
         base = self.index.banks.view()
         if not new_refs and not new_held:
-            return 0, base.generation
+            return 0, base.generation, None
         n_new = len(spool)
         keep = np.zeros(n_new, dtype=bool)
         if n_new:
@@ -195,7 +200,7 @@ class Ingest:
             keep[sampler.select(spool.blocks, n_new, spool.dim, existing_distances=near)] = True
         keep_masks = np.split(keep, np.cumsum([len(r.table) for r in new_refs])[:-1]) if new_refs else []
         first_id = next_id = int(catalog.state()["next_vector_id"])
-        generation = base.generation
+        generation, note = base.generation, None
         with self.index.banks.transaction(base) as txn:
             catalog.insert_calibration_images(txn.conn, new_held)
             pooled_ids, pooled_vecs = [], []
@@ -219,11 +224,16 @@ class Ingest:
                 grown(txn, kept_blocks, n_added, config.index_kind, config.nprobe, self.kind_policy)
                 txn.images.add(np.stack(pooled_vecs), np.asarray(pooled_ids, dtype=np.int64))
                 generation = txn.publish(next_vector_id=next_id)
-        return n_added, generation
+            elif new_held:  # new calibration images only: the same bank, a fuller calibration
+                generation = txn.publish()
+            note = self.index.calibrations.after_write(txn, "add", recalibrate)
+        return n_added, generation, note
 
-def remove_images(index, refs: Iterable[str]) -> dict:
+def remove_images(index, refs: Iterable[str], *, recalibrate: bool = True, hold_out: bool = False) -> dict:
     """Remove images by path or sha256 (prefix of >= 8 hex digits): their vectors and rows go together,
-    in one bank transaction. `index` is the Engine."""
+    in one bank transaction, with the recalibration (see Calibrator.after_write). `hold_out`: keep the
+    reference images among them as calibration images (their vectors leave the bank, their rows stay).
+    `index` is the Engine."""
     refs = list(refs)
     catalog = index.catalog
     with index.writer_lock():
@@ -232,17 +242,27 @@ def remove_images(index, refs: Iterable[str]) -> dict:
             raise BadInput("not in the index: " + ", ".join(missing))
         base = index.banks.view()
         ref_ids = [r["id"] for r in found if r["role"] == "reference"]
+        if hold_out and not ref_ids:
+            raise BadInput("none of these images is in the bank (they are calibration images already)")
+        if hold_out and len(ref_ids) >= base.images.ntotal:
+            raise BadInput("holding out every bank image would leave the bank empty; keep at least one")
         vector_ids = np.zeros(0, np.int64)
-        generation = base.generation
+        generation, note = base.generation, None
         with index.banks.transaction(base) as txn:
             if ref_ids:
                 vector_ids = catalog.vector_ids_of(txn.conn, ref_ids)
-            catalog.delete_images(txn.conn, [r["id"] for r in found])
+            if hold_out:
+                catalog.make_calibration_images(txn.conn, ref_ids)
+            else:
+                catalog.delete_images(txn.conn, [r["id"] for r in found])
             if ref_ids:
                 removed = txn.patches.remove(vector_ids)
                 if removed != len(vector_ids):
                     raise IndexDamaged(f"the FAISS bank held {removed} of the {len(vector_ids)} vectors of these "
                                        "images; the index needs `simsearch index repair`")
                 txn.images.remove(np.asarray(ref_ids, dtype=np.int64))
-                generation = txn.publish()
-    return {"removed": [r["path"] for r in found], "vectors_removed": int(len(vector_ids)), "generation": generation}
+            generation = txn.publish()
+            note = index.calibrations.after_write(txn, "remove", recalibrate)
+    moved = [r["path"] for r in found if r["id"] in set(ref_ids)] if hold_out else [r["path"] for r in found]
+    return {"held_out" if hold_out else "removed": moved, "vectors_removed": int(len(vector_ids)),
+            "generation": generation, "calibration": note}

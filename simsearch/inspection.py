@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from . import applicability
+from .drift import drift_line
 from .errors import IndexNotReady
 from .images import Image, load_image
 from .ingest import pooled_vector
@@ -24,6 +26,7 @@ class Inspector:
 
     def __init__(self, index):
         self.index = index
+        self._drift_lines: dict[int, tuple[float, float]] = {}  # calibration id -> (line, expected share)
 
     def score(self, image: Image, view: BankView) -> ScoredImage:
         """One image through the scoring chain against `view`'s patch bank."""
@@ -40,14 +43,36 @@ class Inspector:
         decoded = [load_image(image) for image in images]
         view = self.index.banks.view()
         cal, warning = self.index.calibrations.current(view.generation)
-        return [self.result(img, self.score(img, view), view, cal, warning) for img in decoded]
+        results = [self.result(img, self.score(img, view), view, cal, warning) for img in decoded]
+        if cal is not None and self.index.record_queries:
+            line, expected = self._drift_line(cal)
+            self.index.query_log.record([(cal["id"], r.score, r.score > line, expected)
+                                         for r in results if r.comparable is not False])
+        return results
+
+    def _drift_line(self, cal: dict) -> tuple[float, float]:
+        if cal["id"] not in self._drift_lines:
+            self._drift_lines[cal["id"]] = drift_line(cal["details"]["good_scores"])
+        return self._drift_lines[cal["id"]]
+
+    def applies(self, img: Image, scored: ScoredImage, view: BankView, cal: dict | None) -> str | None:
+        """None when `img` is comparable with the bank by `cal`'s limits (or they are unknown), else why not."""
+        limits = (cal or {}).get("details", {}).get("applicability")
+        if limits is None or view.images.ntotal == 0:
+            return None
+        distance = float(view.images.search(pooled_vector(scored.grid)[None, :], 1)[0][0, 0])
+        return applicability.judge(limits, applicability.image_stats(img.rgb), distance)
 
     def result(self, img: Image, scored: ScoredImage, view: BankView, cal: dict | None,
                warning: str | None) -> QueryResult:
         """A scored image as the API's QueryResult: verdict, regions with their nearest good patches, peak."""
         amap = scored.anomaly_map
         regions = []
-        if cal is not None:
+        foreign = self.applies(img, scored, view, cal)
+        comparable = None if cal is None or "applicability" not in cal["details"] else foreign is None
+        if foreign is not None:
+            warning = f"not comparable with the bank: {foreign}; no verdict" + (f" ({warning})" if warning else "")
+        if cal is not None and foreign is None:
             for r in find_regions(amap, cal["pixel_threshold"], cal["min_region_area"]):
                 regions.append(RegionResult(r.x, r.y, r.w, r.h, r.area, r.score, self.nearest(scored, *r.peak)))
         prow, pcol = np.unravel_index(int(np.argmax(scored.scores)), scored.scores.shape)
@@ -57,11 +82,12 @@ class Inspector:
         threshold = cal["image_threshold"] if cal else None
         return QueryResult(
             image=img.source, score=scored.score, threshold=threshold,
-            is_anomalous=None if cal is None else bool(scored.score > threshold),
+            is_anomalous=None if cal is None or foreign is not None else bool(scored.score > threshold),
             similarity=similarity_from_score(scored.score, threshold), regions=regions, peak=peak,
             anomaly_map=amap, generation=view.generation, calibration_id=cal["id"] if cal else None,
             fingerprint=self.index.config.fingerprint, warning=warning,
-            pixel_threshold=cal["pixel_threshold"] if cal else None)
+            pixel_threshold=cal["pixel_threshold"] if cal else None, comparable=comparable,
+            calibration_generation=cal["details"].get("predates_adds_since", cal["generation"]) if cal else None)
 
     def nearest(self, scored: ScoredImage, x: int, y: int) -> NearestReference | None:
         """The good patch nearest to the query's patch cell at pixel (x, y)."""
@@ -90,5 +116,5 @@ class Inspector:
             if i < 0 or int(i) not in rows:
                 continue
             hits.append({"image": rows[int(i)]["path"], "sha256": rows[int(i)]["sha256"], "distance": float(d),
-                         "similarity": float(np.clip(1.0 - d * d / 2.0, 0.0, 1.0))})
+                         "cosine": float(np.clip(1.0 - d * d / 2.0, -1.0, 1.0))})
         return hits

@@ -51,6 +51,10 @@ class QueryResult:
     warning: str | None = None
     heatmap: str | None = None
     pixel_threshold: float | None = None  # of the calibration used, for heatmaps
+    # Whether the image is the kind the bank holds (applicability.py); False: no verdict, the reason in warning.
+    # None without a calibration that measured it.
+    comparable: bool | None = None
+    calibration_generation: int | None = None  # the bank generation the calibration was measured on
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -65,6 +69,7 @@ class AddReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     vectors_added: int = 0
     generation: int = 0
+    calibration: str | None = None  # why the add did not recalibrate, or None
 
 
 @dataclass
@@ -120,6 +125,8 @@ class QueryRecord:
     calibration_id: Optional[int]
     fingerprint: str
     warning: Optional[str]
+    comparable: Optional[bool]  # false: not the kind of image the bank holds, is_anomalous is null (see warning)
+    calibration_generation: Optional[int]  # below `generation`: the calibration predates adds since
     # (server) what an HTTP client needs besides: the query's id for its images, the image's size
     query_id: Optional[str] = None
     width: Optional[int] = None
@@ -149,7 +156,8 @@ def to_record(result: QueryResult) -> QueryRecord:
         is_anomalous=result.is_anomalous, similarity=_round(result.similarity),
         regions=[_region(r) for r in result.regions], peak=_region(result.peak), heatmap=result.heatmap,
         distance="l2", generation=result.generation, calibration_id=result.calibration_id,
-        fingerprint=result.fingerprint, warning=result.warning)
+        fingerprint=result.fingerprint, warning=result.warning, comparable=result.comparable,
+        calibration_generation=result.calibration_generation)
 
 
 def record_dict(record: QueryRecord) -> dict:

@@ -69,7 +69,7 @@ def test_info_and_search(index):
     assert info["config"]["backbone"] == "tf_efficientnet_lite1"
     hits = json.loads(simsearch("search", str(piped_test("good")[0]), "--top-k", "4", "--json", index=index).stdout)
     assert len(hits["results"]) == 4
-    assert all(0 <= h["similarity"] <= 1 for h in hits["results"])
+    assert all(-1 <= h["cosine"] <= 1 for h in hits["results"])
 
 
 def test_uncalibrated_query_says_so_and_has_null_verdict(tmp_path):

@@ -86,7 +86,7 @@ def test_bank_image_scores_zero_and_search_finds_it(calibrated):
     assert calibrated.query(ref).score == pytest.approx(0.0, abs=1e-3)
     hits = calibrated.search(ref, k=3)
     assert hits[0]["image"] == ref
-    assert hits[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert hits[0]["cosine"] == pytest.approx(1.0, abs=1e-5)
     assert len(hits) == 3 and hits[0]["distance"] <= hits[1]["distance"] <= hits[2]["distance"]
 
 

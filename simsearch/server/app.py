@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics,
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                generate_latest)
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
@@ -76,6 +76,9 @@ class QueryResponse(BaseModel):
 class CalibrateRequest(BaseModel):
     target_fpr: float = Field(0.01, gt=0, lt=1, description="target false-positive rate on good parts")
     min_region_area: Optional[int] = Field(None, ge=1, le=10**8, description="smallest region in pixels")
+    folds: Optional[int] = Field(None, ge=2, le=1000, description="calibrate on the bank itself: each of K folds "
+                                 "of its images scored against the bank without them (instead of the calibration "
+                                 "images)")
 
 
 class ErrorBody(BaseModel):
@@ -115,7 +118,22 @@ class Metrics:
         self.latency = Histogram("simsearch_http_request_duration_seconds", "Time to answer a request",
                                  ["method", "route"], registry=self.registry,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
-        self.queries = Counter("simsearch_queries", "Images scored", ["index", "verdict"], registry=self.registry)
+        self.queries = Counter("simsearch_queries", "Images scored (verdict foreign: unlike the bank's images, no "
+                               "verdict)", ["index", "verdict"], registry=self.registry)
+        # Drift (simsearch/drift.py) over the index's recent queries, as of the last query this process answered.
+        self.drift_share = Gauge("simsearch_drift_share", "Share of recent queries above the calibration's 5% line",
+                                 ["index"], registry=self.registry)
+        self.drift_expected = Gauge("simsearch_drift_expected_share", "Share of good parts expected above that line",
+                                    ["index"], registry=self.registry)
+        self.drift_p_value = Gauge("simsearch_drift_p_value", "One-sided binomial p-value of the recent share "
+                                   "(small: the parts no longer score like the calibration's)", ["index"],
+                                   registry=self.registry)
+
+    def observe_drift(self, index: str, drift: dict) -> None:
+        for gauge, key in ((self.drift_share, "share"), (self.drift_expected, "expected_share"),
+                           (self.drift_p_value, "p_value")):
+            if drift.get(key) is not None:
+                gauge.labels(index).set(drift[key])
 
 
 class MetricsMiddleware:
@@ -323,8 +341,10 @@ def create_app(settings: ServerSettings) -> FastAPI:
         uploads = await read_uploads(request, settings.max_images)
         records = await run_in_threadpool(served.query, uploads, heatmap)
         for record in records:
-            verdict = {None: "uncalibrated", True: "anomalous", False: "ok"}[record["is_anomalous"]]
+            verdict = ("foreign" if record["comparable"] is False else
+                       {None: "uncalibrated", True: "anomalous", False: "ok"}[record["is_anomalous"]])
             metrics.queries.labels(name, verdict).inc()
+        metrics.observe_drift(name, await run_in_threadpool(served.drift))
         return {"index": name, "results": records}
 
     @api.get("/v1/indexes/{name}/queries", tags=["inspection"], dependencies=read, responses=errors(401, 403, 404))
@@ -371,17 +391,23 @@ def create_app(settings: ServerSettings) -> FastAPI:
               responses=errors(400, 401, 403, 404, 409, 413, 415, 422, 503))
     async def add_images(request: Request, name: IndexName,
                          holdout: Annotated[float, Query(ge=0, lt=1, description="share kept for calibration")] = 0.0,
-                         coreset: Annotated[Optional[float], Query(gt=0, le=1)] = None) -> dict[str, Any]:
+                         coreset: Annotated[Optional[float], Query(gt=0, le=1)] = None,
+                         recalibrate: Annotated[bool, Query(description="measure the calibration again on the new "
+                                                                        "bank, in the same commit")] = True,
+                         ) -> dict[str, Any]:
         """Add uploaded good images to the bank; their bytes are kept in the index's uploads/ folder."""
         served = registry.get(name)
         uploads = await read_uploads(request, settings.max_images)
-        return await run_in_threadpool(served.add, uploads, holdout, coreset)
+        return await run_in_threadpool(served.add, uploads, holdout, coreset, recalibrate)
 
     @api.delete("/v1/indexes/{name}/images/{sha256}", tags=["index"], dependencies=write,
                 responses=errors(401, 403, 404, 409, 503))
-    async def delete_image(name: IndexName, sha256: Sha256) -> dict[str, Any]:
+    async def delete_image(name: IndexName, sha256: Sha256,
+                           recalibrate: Annotated[bool, Query(description="measure the calibration again on the "
+                                                                          "new bank, in the same commit")] = True,
+                           ) -> dict[str, Any]:
         """Remove an image (its vectors and rows go together)."""
-        return await run_in_threadpool(registry.get(name).remove, sha256)
+        return await run_in_threadpool(registry.get(name).remove, sha256, recalibrate)
 
     @api.post("/v1/indexes/{name}/calibrate", tags=["index"], dependencies=write,
               responses=errors(401, 403, 404, 409, 422, 503))
@@ -389,7 +415,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                               request: Annotated[Optional[CalibrateRequest], Body()] = None) -> dict[str, Any]:
         """New thresholds from the index's stored good images outside the bank (held out, or given before)."""
         request = request or CalibrateRequest()
-        return await run_in_threadpool(registry.get(name).calibrate, request.target_fpr, request.min_region_area)
+        return await run_in_threadpool(registry.get(name).calibrate, request.target_fpr, request.min_region_area,
+                                       request.folds)
 
     from fastapi.openapi.docs import get_swagger_ui_html
     from swagger_ui_bundle import swagger_ui_path

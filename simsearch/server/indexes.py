@@ -225,7 +225,10 @@ class ServedIndex:
         return [{**{k: row[k] for k in keys}, **({"image": row["path"]} if self.exposure.expose_paths else {})}
                 for row in self.reader().images(role)]
 
-    def add(self, uploads: list[Upload], holdout: float, coreset: float | None) -> dict:
+    def drift(self) -> dict:
+        return self.reader().drift()
+
+    def add(self, uploads: list[Upload], holdout: float, coreset: float | None, recalibrate: bool = True) -> dict:
         """Add uploaded good images; their bytes are kept in <index>/uploads/ so that `index repair` can re-embed."""
         self.decode_all(uploads)  # all readable, or nothing is stored
         skipped, fresh = [], {}
@@ -254,7 +257,7 @@ class ServedIndex:
                 stored[str(path)] = sha
             report = None
             try:
-                report = engine.add(list(stored), holdout=holdout, coreset=coreset)
+                report = engine.add(list(stored), holdout=holdout, coreset=coreset, recalibrate=recalibrate)
             finally:  # a file not taken (an error, or a CLI writer added the same image first) is not kept
                 taken = set(report.added + report.held_out) if report else set()
                 for path in created:
@@ -265,14 +268,14 @@ class ServedIndex:
                     for p, why in report.skipped if p in stored]
         return {"added": [stored[p] for p in report.added], "held_out": [stored[p] for p in report.held_out],
                 "skipped": skipped, "vectors_added": report.vectors_added, "generation": report.generation,
-                "warning": warning}
+                "calibration": report.calibration, "warning": warning}
 
-    def remove(self, sha256: str) -> dict:
+    def remove(self, sha256: str, recalibrate: bool = True) -> dict:
         with self.writer() as engine:
             found, _missing = engine.find_images([sha256])
             if not found:
                 raise RequestRefused(404, f"no image with sha256 {sha256} in index {self.name!r}")
-            result = engine.remove([sha256])
+            result = engine.remove([sha256], recalibrate=recalibrate)
             uploads = (self.directory / "uploads").resolve()
             for row in found:  # an uploaded file goes with its image
                 path = Path(row["path"]).resolve()
@@ -280,12 +283,13 @@ class ServedIndex:
                     path.unlink(missing_ok=True)
             _cal, warning = engine.current_calibration()
         return {"removed": [r["sha256"] for r in found], "vectors_removed": result["vectors_removed"],
-                "generation": result["generation"], "warning": warning}
+                "generation": result["generation"], "calibration": result["calibration"], "warning": warning}
 
-    def calibrate(self, target_fpr: float, min_region_area: int | None) -> dict:
-        """Thresholds from the good images the index stores outside its bank (held out, or given before)."""
+    def calibrate(self, target_fpr: float, min_region_area: int | None, folds: int | None = None) -> dict:
+        """Thresholds from the good images the index stores outside its bank (held out, or given before), or
+        from `folds` folds of the bank itself."""
         with self.writer() as engine:
-            cal = engine.calibrate(None, target_fpr=target_fpr, min_region_area=min_region_area)
+            cal = engine.calibrate(None, folds=folds, target_fpr=target_fpr, min_region_area=min_region_area)
             summary = calibration_summary(engine)
         return {**asdict(cal), **{k: summary[k] for k in ("target_false_alarms_per_100_good",
                                                            "expected_false_alarms_per_100_good")}}

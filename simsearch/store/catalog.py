@@ -322,6 +322,12 @@ class Catalog:
         conn.execute(delete(tiles).where(tiles.c.image_id.in_(image_ids)))
         conn.execute(delete(images).where(images.c.id.in_(image_ids)))
 
+    def make_calibration_images(self, conn: Connection, image_ids: list[int]) -> None:
+        """Reference images become calibration images: their vector and tile rows go, their image rows stay."""
+        conn.execute(delete(vectors).where(vectors.c.image_id.in_(image_ids)))
+        conn.execute(delete(tiles).where(tiles.c.image_id.in_(image_ids)))
+        conn.execute(update(images).where(images.c.id.in_(image_ids)).values(role="calibration", n_vectors=0))
+
     def bump_generation(self, conn: Connection, next_vector_id: int | None = None) -> int:
         values = {"generation": index_config.c.generation + 1}
         if next_vector_id is not None:
@@ -347,12 +353,14 @@ class Catalog:
         rows = conn.execute(select(bank_files).where(bank_files.c.generation == generation)).mappings().all()
         return {r["bank"]: {k: r[k] for k in ("bytes", "sha256", "vectors")} for r in rows}
 
-    def carry_calibration(self, conn: Connection, old: int, new: int, why: str) -> None:
-        """The latest calibration, if it was made on generation `old`, again for generation `new` (whose patch
-        bank is the same, so its scores are too)."""
+    def carry_calibration(self, conn: Connection, old: int, new: int, why: str, details: dict | None = None) -> None:
+        """The latest calibration, if it was made on generation `old`, again for generation `new` (`details`
+        merged into its details)."""
         row = conn.execute(select(calibrations).order_by(calibrations.c.id.desc()).limit(1)).mappings().first()
         if row is not None and row["generation"] == old:
             values = {k: v for k, v in row.items() if k != "id"}
+            if details:
+                values["details_json"] = json.dumps({**json.loads(row["details_json"]), **details}, sort_keys=True)
             conn.execute(insert(calibrations).values(**dict(values, generation=new, created_at=time.time(),
                                                             method=f"{row['method']}; {why}")))
 
@@ -393,15 +401,20 @@ class Catalog:
             return {r["id"]: dict(r) for r in conn.execute(stmt).mappings()}
 
     # -- calibration --------------------------------------------------------------------------
-    def add_calibration(self, values: dict) -> int:
+    def insert_calibration(self, conn: Connection, values: dict) -> int:
         values = dict(values)
         values["details_json"] = json.dumps(values.pop("details", {}), sort_keys=True)
-        with self.begin() as conn:
-            return conn.execute(insert(calibrations).values(created_at=time.time(), **values)).inserted_primary_key[0]
+        return conn.execute(insert(calibrations).values(created_at=time.time(), **values)).inserted_primary_key[0]
 
-    def latest_calibration(self) -> dict | None:
-        with self.connect() as conn:
-            row = conn.execute(select(calibrations).order_by(calibrations.c.id.desc()).limit(1)).mappings().first()
+    def latest_calibration(self, conn: Connection | None = None) -> dict | None:
+        """The newest calibration row (details decoded), read through `conn` inside a writer's transaction."""
+        def run(c: Connection):
+            return c.execute(select(calibrations).order_by(calibrations.c.id.desc()).limit(1)).mappings().first()
+        if conn is not None:
+            row = run(conn)
+        else:
+            with self.connect() as c:
+                row = run(c)
         if row is None:
             return None
         out = dict(row)

@@ -212,9 +212,11 @@ def test_calibration_round_trip(cat):
     values = {"generation": 4, "target_fpr": 0.01, "image_threshold": 1.5, "pixel_threshold": 2.25,
               "min_region_area": 30, "f1_threshold": None, "n_good": 40, "n_defect": 0,
               "method": "2nd largest of 199", "details": {"scores": [1.0, 2.0], "k": 2}}
-    first = cat.add_calibration(values)
+    with cat.begin() as conn:
+        first = cat.insert_calibration(conn, values)
     assert values["details"] == {"scores": [1.0, 2.0], "k": 2}  # the caller's dict is not consumed
-    second = cat.add_calibration(dict(values, image_threshold=3.0, f1_threshold=2.5, details={}))
+    with cat.begin() as conn:
+        second = cat.insert_calibration(conn, dict(values, image_threshold=3.0, f1_threshold=2.5, details={}))
     assert second > first
     latest = cat.latest_calibration()
     assert latest["id"] == second

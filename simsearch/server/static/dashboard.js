@@ -63,7 +63,9 @@ async function loadOverview() {
       ["min region", cal ? `${cal.min_region_area} px` : "–"],
       ["false alarms", cal ? `≤ ${fmt(cal.expected_false_alarms_per_100_good, 1)} per 100 good parts` : "–"],
       ["target", cal ? `${fmt(cal.target_false_alarms_per_100_good, 1)} per 100 (on ${cal.n_good} good images)` : "–"],
-      ["calibration", cal ? (info.calibration_fresh ? `#${cal.id}, fresh` : `#${cal.id}, STALE`) : "none"],
+      ["calibration", cal ? (info.calibration_fresh ? `#${cal.id}, fresh`
+        : info.verdicts ? `#${cal.id}, predates adds` : `#${cal.id}, STALE`) : "none"],
+      ["drift", driftText(info.drift)],
     ];
     list.replaceChildren(...rows.flatMap(([k, v]) => {
       const dt = document.createElement("dt"); dt.textContent = k;
@@ -79,12 +81,22 @@ async function loadOverview() {
   }
 }
 
+function driftText(drift) {
+  // Recent queries above the calibration's 5% line, against the share good parts reach (simsearch/drift.py).
+  if (!drift) return "–";
+  if (drift.p_value === null) return `${drift.queries} recent queries (too few to test)`;
+  const share = `${fmt(100 * drift.share, 1)}% of the last ${drift.queries} above the 5% line ` +
+    `(good parts: ${fmt(100 * drift.expected_share, 1)}%)`;
+  return drift.drifting ? `DRIFTING: ${share}, p = ${drift.p_value.toExponential(1)}` : share;
+}
+
 // -- one result ------------------------------------------------------------------------------------
 function showVerdict(record) {
   const verdict = $("verdict");
-  const kind = record.is_anomalous === null ? "none" : record.is_anomalous ? "anomalous" : "ok";
+  const kind = record.comparable === false ? "foreign"
+    : record.is_anomalous === null ? "none" : record.is_anomalous ? "anomalous" : "ok";
   verdict.className = "verdict " + kind;
-  verdict.textContent = { none: "NO VERDICT", anomalous: "ANOMALOUS", ok: "OK" }[kind];
+  verdict.textContent = { none: "NO VERDICT", foreign: "FOREIGN IMAGE", anomalous: "ANOMALOUS", ok: "OK" }[kind];
   const t = record.threshold;
   $("score-text").textContent = t === null
     ? `score ${fmt(record.score)} (no fresh calibration, no threshold)`
