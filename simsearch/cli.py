@@ -326,9 +326,10 @@ def watch(
     """Score each image dropped into FOLDER once, as `query --json` would, into --out; stop with Ctrl-C or
     SIGTERM. A restart scores only what --out does not hold yet."""
     from .engine import Engine
-    from .watch import OutputLog, Watcher, stop_on_signals
+    from .watch import OutputLog, Watcher, check_arguments, stop_on_signals
 
     with user_errors():
+        check_arguments(folder, move_to, settle)
         engine = Engine.open(index)
     with engine, user_errors():
         _cal, warning = engine.current_calibration()

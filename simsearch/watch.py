@@ -54,8 +54,11 @@ class OutputLog:
         self.path = Path(path)
         self.done: dict[str, dict] = {}  # absolute image path -> its line
         self.repaired = 0  # bytes of a partial last line cut off at open
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh = open(self.path, "a+b")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a+b")
+        except OSError as exc:
+            raise BadInput(f"{self.path}: cannot write the output ({exc.strerror or exc})") from None
         try:
             self._lock()
             self._load()
@@ -154,16 +157,11 @@ class Watcher:
     tally: Tally = field(default_factory=Tally)
 
     def __post_init__(self):
+        check_arguments(self.folder, self.move_to, self.settle)
         self.folder = Path(os.path.abspath(self.folder))
-        if not self.folder.is_dir():
-            raise BadInput(f"{self.folder}: no such folder")
         if self.move_to is not None:
             self.move_to = Path(os.path.abspath(self.move_to))
             self.move_to.mkdir(parents=True, exist_ok=True)
-            if self.move_to == self.folder:
-                raise BadInput("--move-to must be another folder than the watched one")
-        if not self.settle > 0:
-            raise BadInput(f"--settle must be above 0 seconds, got {self.settle}")
         self._events: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
         self._told: set[str] = set()
         self._observer = None
@@ -326,6 +324,16 @@ class Watcher:
         finally:
             self.stop()
         return self.tally
+
+
+def check_arguments(folder: str | os.PathLike, move_to: str | os.PathLike | None, settle: float) -> None:
+    """BadInput for arguments a watcher cannot run with (checked before anything is written)."""
+    if not os.path.isdir(folder):
+        raise BadInput(f"{folder}: no such folder")
+    if move_to is not None and os.path.abspath(move_to) == os.path.abspath(folder):
+        raise BadInput("--move-to must be another folder than the watched one")
+    if not settle > 0:
+        raise BadInput(f"--settle must be above 0 seconds, got {settle}")
 
 
 def file_stamp(path: str) -> tuple[int, int] | None:
