@@ -52,7 +52,7 @@ class OutputLog:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.done: dict[str, dict] = {}  # absolute image path -> its line
+        self.done: dict[str, str | None] = {}  # absolute image path -> where it was moved (--move-to), if it was
         self.repaired = 0  # bytes of a partial last line cut off at open
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,16 +77,19 @@ class OutputLog:
             raise BadInput(f"{self.path}: another watcher is writing it") from None
 
     def _load(self) -> None:
+        """Read the lines already written (one at a time: a line's output can grow large), cut a partial last one."""
         self._fh.seek(0)
-        data = self._fh.read()
-        complete = data.rfind(b"\n") + 1
-        if complete < len(data):
-            self.repaired = len(data) - complete
-            self._fh.truncate(complete)
-            os.fsync(self._fh.fileno())
-            log.warning("%s: cut off a partial last line (%d bytes) left by a watcher that was stopped mid-write",
-                        self.path, self.repaired)
-        for number, raw in enumerate(data[:complete].splitlines(), 1):
+        offset, number = 0, 0
+        for raw in iter(self._fh.readline, b""):
+            number += 1
+            if not raw.endswith(b"\n"):
+                self.repaired = len(raw)
+                self._fh.truncate(offset)
+                os.fsync(self._fh.fileno())
+                log.warning("%s: cut off a partial last line (%d bytes) left by a watcher stopped mid-write",
+                            self.path, self.repaired)
+                break
+            offset += len(raw)
             if not raw.strip():
                 continue
             try:
@@ -94,7 +97,7 @@ class OutputLog:
                 image = line["image"]
             except (ValueError, TypeError, KeyError):
                 raise BadInput(f"{self.path}: line {number} is not a watcher's JSON line; choose another --out") from None
-            self.done[os.path.abspath(image)] = line
+            self.done[os.path.abspath(image)] = line.get("moved_to")
 
     def __contains__(self, path: str) -> bool:
         return os.path.abspath(path) in self.done
@@ -105,7 +108,7 @@ class OutputLog:
         self._fh.write(json.dumps(line).encode() + b"\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
-        self.done[os.path.abspath(line["image"])] = line
+        self.done[os.path.abspath(line["image"])] = line.get("moved_to")
 
     def close(self) -> None:
         self._fh.close()
@@ -226,6 +229,9 @@ class Watcher:
             else:
                 item.failed = one_line(exc)
             return
+        if file_stamp(path) != item.stamp:  # decoded (some formats decode a truncated file), but still growing
+            item.stamp = (-1, -1)
+            return
         try:
             line = query_record(self.engine.query(img))
         except ImageError as exc:  # decoded, but not an image the bank can score (too small, ...)
@@ -252,7 +258,7 @@ class Watcher:
         self._finish_move(path)
 
     def _finish_move(self, path: str) -> None:
-        target = self.output.done[path].get("moved_to")
+        target = self.output.done[path]
         if self.move_to is None or target is None or not os.path.lexists(path):
             return
         if os.path.lexists(target):
