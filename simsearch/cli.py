@@ -358,6 +358,43 @@ def query(
 
 
 @app.command()
+def watch(
+    folder: Annotated[Path, typer.Argument(help="The hot folder: images dropped here (or below) are scored.")],
+    out_file: Annotated[Path, typer.Option("--out", help="JSON-lines output: one line per image, appended.")],
+    index: IndexDir = Path("index"),
+    move_to: Annotated[Optional[Path], typer.Option(help="Move each image here once its line is written.")] = None,
+    settle: Annotated[float, typer.Option(help="Seconds a file's size and mtime must stay unchanged before it is "
+                                               "read (a writer may still be at it).")] = 0.5,
+    poll: Annotated[bool, typer.Option(help="Poll the folder instead of waiting for OS events (network shares "
+                                            "send none).")] = False,
+):
+    """Score each image dropped into FOLDER once, as `query --json` would, into --out; stop with Ctrl-C or
+    SIGTERM. A restart scores only what --out does not hold yet."""
+    from .engine import Engine
+    from .watch import OutputLog, Watcher, check_arguments, stop_on_signals
+
+    with user_errors():
+        check_arguments(folder, move_to, settle)
+        engine = Engine.open(index)
+    with engine, user_errors():
+        _cal, warning = engine.current_calibration()
+        if warning:
+            say("warning", warning)
+        output = OutputLog(out_file)
+        try:
+            watcher = Watcher(engine, folder, output, move_to=move_to, settle=settle, poll=poll)
+            err.print(f"watching {watcher.folder} into {output.path} ({len(output.done)} images already there); "
+                      "Ctrl-C to stop")
+            with stop_on_signals() as stop:
+                try:
+                    watcher.run(stop)
+                finally:
+                    err.print(watcher.tally.summary(output.path))
+        finally:
+            output.close()
+
+
+@app.command()
 def search(
     image: Annotated[str, typer.Argument(help="Image to look up.")],
     index: IndexDir = Path("index"),
