@@ -80,7 +80,10 @@ def test_tiny_index_answers_queries_calibrates_checks_and_repairs(tiny):
     assert engine.check()["ok"]
     removed = engine.remove([ref])
     assert removed["vectors_removed"] > 0 and engine.check()["ok"]
-    assert engine.current_calibration()[0] is None  # the bank changed: stale
+    cal, warning = engine.current_calibration()  # the bank changed: measured again in the same commit
+    assert cal["generation"] == engine.generation and warning is None and removed["calibration"] is None
+    engine.remove([engine.images("reference")[0]["path"]], recalibrate=False)
+    assert engine.current_calibration()[0] is None  # a remove not recalibrated: stale (scores can rise)
 
 
 def test_bank_views_are_immutable_and_a_failed_write_leaves_the_committed_view(tiny, monkeypatch):
