@@ -113,14 +113,16 @@ class Calibrator:
             progress("scoring", len(files), len(files))
         return measures
 
-    def _fold_measures(self, view: BankView, folds: int, area: int, progress: Progress | None) -> list[GoodMeasure]:
-        """Every bank image scored against the bank without its fold (re-embedded from its file, all patches)."""
+    def _fold_measures(self, view: BankView, folds: int, area: int, progress: Progress | None,
+                       conn=None) -> list[GoodMeasure]:
+        """Every bank image scored against the bank without its fold (re-embedded from its file, all patches).
+        `conn`: a writer's transaction, whose rows `view` holds."""
         catalog = self.index.catalog
-        refs = catalog.images("reference")
+        refs = catalog.images("reference", conn)
         if len(refs) < 2:
             raise IndexNotReady(f"--folds needs at least 2 reference images, the index has {len(refs)}")
         folds = max(2, min(int(folds), len(refs)))
-        owners = catalog.vector_owners()
+        owners = catalog.vector_owners(conn)
         pooled_ids, pooled = view.images.all_vectors()
         fold = fold_of(len(refs), folds)
         measures = []
@@ -254,7 +256,7 @@ class Calibrator:
         note = None
         if recalibrate:
             try:
-                values = self._recalibration(latest, txn.published)
+                values = self._recalibration(latest, txn.published, txn.conn)
                 catalog.insert_calibration(txn.conn, values)
                 return None
             except SimsearchError as exc:
@@ -270,15 +272,15 @@ class Calibrator:
             return note + "; verdicts keep its thresholds, marked as predating the add"
         return note + "; verdicts are null until the index is recalibrated (scores can rise after a remove)"
 
-    def _recalibration(self, latest: dict, view: BankView) -> dict:
-        """The latest calibration measured again on `view`, from the same source with the same settings
-        (labelled defects are not stored: the F1 threshold is left out)."""
+    def _recalibration(self, latest: dict, view: BankView, conn) -> dict:
+        """The latest calibration measured again on `view` (of the writer's transaction `conn`), from the same
+        source with the same settings (labelled defects are not stored: the F1 threshold is left out)."""
         source = latest["details"].get("source", {"kind": HOLDOUT})
         area, target = int(latest["min_region_area"]), float(latest["target_fpr"])
         if source["kind"] == FOLDS:
-            measures = self._fold_measures(view, int(source["folds"]), area, None)
+            measures = self._fold_measures(view, int(source["folds"]), area, None, conn)
         else:
-            held = self.index.catalog.images("calibration")
+            held = self.index.catalog.images("calibration", conn)
             if not held:
                 raise IndexNotReady("the index holds no calibration images")
             measures = self._held_measures([r["path"] for r in held], view, area, None)

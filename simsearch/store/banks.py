@@ -98,10 +98,15 @@ class BankStore:
         index's writer lock. Yields a BankTransaction; its changes become visible when the block ends."""
         base = base or self.view()
         txn = BankTransaction(self, base)
-        with self.catalog.begin() as conn:
-            txn.conn = conn
-            yield txn
-            crash_point("before commit")
+        try:
+            with self.catalog.begin() as conn:
+                txn.conn = conn
+                yield txn
+                crash_point("before commit")
+        except BaseException:
+            if txn.published is not None:  # files written for a generation that never committed
+                bankfiles.remove_stray(self.directory, base.generation)
+            raise
         crash_point("committed")
         if txn.published is not None:
             self._view = txn.published

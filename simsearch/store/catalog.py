@@ -261,12 +261,21 @@ class Catalog:
                     out[row["sha256"]] = dict(row)
         return out
 
-    def images(self, role: str | None = None) -> list[dict]:
+    @contextlib.contextmanager
+    def reading(self, conn: Connection | None = None):
+        """`conn` (a writer's transaction, which sees its own uncommitted rows) if given, else a read connection."""
+        if conn is not None:
+            yield conn
+        else:
+            with self.connect() as c:
+                yield c
+
+    def images(self, role: str | None = None, conn: Connection | None = None) -> list[dict]:
         stmt = select(images).order_by(images.c.id)
         if role:
             stmt = stmt.where(images.c.role == role)
-        with self.connect() as conn:
-            return [dict(r) for r in conn.execute(stmt).mappings()]
+        with self.reading(conn) as c:
+            return [dict(r) for r in c.execute(stmt).mappings()]
 
     def find_images(self, refs: list[str]) -> tuple[list[dict], list[str]]:
         """Images matching each ref (absolute path, as-stored path, full sha256 or a prefix of >= 8)."""
@@ -376,10 +385,10 @@ class Catalog:
         return {**state, "bank_files": files, "vector_ids": np.asarray(ids, np.int64),
                 "reference_ids": np.asarray(refs, np.int64)}
 
-    def vector_owners(self) -> np.ndarray:
+    def vector_owners(self, conn: Connection | None = None) -> np.ndarray:
         """(N, 2) int64 [faiss id, image id] of every vector, by id."""
-        with self.connect() as conn:
-            rows = conn.execute(select(vectors.c.id, vectors.c.image_id).order_by(vectors.c.id)).all()
+        with self.reading(conn) as c:
+            rows = c.execute(select(vectors.c.id, vectors.c.image_id).order_by(vectors.c.id)).all()
         return np.asarray(rows, np.int64).reshape(-1, 2)
 
     def image_cells(self, image_id: int) -> np.ndarray:
@@ -408,13 +417,8 @@ class Catalog:
 
     def latest_calibration(self, conn: Connection | None = None) -> dict | None:
         """The newest calibration row (details decoded), read through `conn` inside a writer's transaction."""
-        def run(c: Connection):
-            return c.execute(select(calibrations).order_by(calibrations.c.id.desc()).limit(1)).mappings().first()
-        if conn is not None:
-            row = run(conn)
-        else:
-            with self.connect() as c:
-                row = run(c)
+        with self.reading(conn) as c:
+            row = c.execute(select(calibrations).order_by(calibrations.c.id.desc()).limit(1)).mappings().first()
         if row is None:
             return None
         out = dict(row)
