@@ -26,7 +26,7 @@ class Inspector:
 
     def __init__(self, index):
         self.index = index
-        self._drift_lines: dict[int, tuple[float, float]] = {}  # calibration id -> (line, expected share)
+        self._drift_lines: dict[int, tuple[float, int, int]] = {}  # calibration id -> drift.drift_line
 
     def score(self, image: Image, view: BankView) -> ScoredImage:
         """One image through the scoring chain against `view`'s patch bank."""
@@ -45,12 +45,12 @@ class Inspector:
         cal, warning = self.index.calibrations.current(view.generation)
         results = [self.result(img, self.score(img, view), view, cal, warning) for img in decoded]
         if cal is not None and self.index.record_queries:
-            line, expected = self._drift_line(cal)
-            self.index.query_log.record([(cal["id"], r.score, r.score > line, expected)
+            line, k, n_cal = self._drift_line(cal)
+            self.index.query_log.record([(cal["id"], r.score, r.score > line, k, n_cal)
                                          for r in results if r.comparable is not False])
         return results
 
-    def _drift_line(self, cal: dict) -> tuple[float, float]:
+    def _drift_line(self, cal: dict) -> tuple[float, int, int]:
         if cal["id"] not in self._drift_lines:
             self._drift_lines[cal["id"]] = drift_line(cal["details"]["good_scores"])
         return self._drift_lines[cal["id"]]

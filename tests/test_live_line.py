@@ -186,15 +186,24 @@ def test_a_colour_image_against_a_grey_bank_is_not_comparable(tmp_path):
 
 
 # -- 4. drift ------------------------------------------------------------------------------------------------
-def test_the_binomial_tail_is_exact():
-    for n, p in ((1, 0.5), (10, 0.05), (40, 0.2)):
-        for k in range(n + 2):
-            brute = sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
-            assert drift.binomial_upper_tail(k, n, p) == pytest.approx(brute, rel=1e-9, abs=1e-15)
+def test_the_beta_binomial_tail_is_the_exact_rank_count():
+    """The count of n new exchangeable scores above the k-th largest of N old ones, by enumerating every
+    equally likely ordering of the N + n scores (small cases), against drift.beta_binomial_upper_tail."""
+    from itertools import combinations
+    for n_cal, n, k in ((3, 2, 1), (5, 4, 2), (6, 5, 1)):
+        counts = np.zeros(n + 1)
+        for new_ranks in combinations(range(n_cal + n), n):  # positions of the new scores, 0 = the largest
+            old = [r for r in range(n_cal + n) if r not in new_ranks]
+            counts[sum(r < old[k - 1] for r in new_ranks)] += 1
+        pmf = counts / counts.sum()
+        for x in range(n + 2):
+            assert drift.beta_binomial_upper_tail(x, n, k, n_cal) == pytest.approx(pmf[x:].sum(), abs=1e-12)
 
 
-def test_drift_is_quiet_on_good_parts_and_loud_when_every_part_scores_high(calibrated):
-    engine, _tmp = calibrated
+def test_drift_is_quiet_on_good_parts_and_loud_when_every_part_scores_high(tmp_path):
+    engine = Engine.create(tmp_path / "index", embedder=TinyEmbedder())
+    engine.add(write_images(tmp_path / "good", range(40)), holdout=0.5)  # 20 to calibrate on: drift can speak
+    engine.calibrate()
     assert engine.drift()["queries"] == 0 and engine.drift()["drifting"] is None
     engine.query_many([texture(400 + i) for i in range(drift.MIN_QUERIES)])
     quiet = engine.drift()
