@@ -26,7 +26,7 @@ import numpy as np
 from ..engine import Engine
 from ..errors import BadInput, ImageTooLarge, IndexUnavailable, RequestRefused, SimsearchError, UnknownIndex
 from ..images import Image, decode, header_size
-from ..records import QueryResult, query_record
+from ..records import AddReport, QueryResult, query_record
 from ..report import heatmap_overlay
 from .uploads import Upload
 
@@ -257,7 +257,8 @@ class ServedIndex:
                 stored[str(path)] = sha
             report = None
             try:
-                report = engine.add(list(stored), holdout=holdout, coreset=coreset, recalibrate=recalibrate)
+                report = (engine.add(list(stored), holdout=holdout, coreset=coreset, recalibrate=recalibrate)
+                          if stored else AddReport(generation=engine.generation))  # every upload known already
             finally:  # a file not taken (an error, or a CLI writer added the same image first) is not kept
                 taken = set(report.added + report.held_out) if report else set()
                 for path in created:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from realdata import PIPED, needs_piped, piped_test
+from realdata import DATASETS, PIPED, needs_piped, piped_test
 from simsearch import Engine
 from simsearch.records import query_record
 from simsearch.server.app import ServerSettings, create_app
@@ -230,17 +230,16 @@ def test_add_upload_remove_and_calibrate(writable):
     report = response.json()
     assert report["added"] == [sha] and report["generation"] == 2
     assert [s["reason"] for s in report["skipped"]] == [f"same image as {new.name} in this request"]
-    assert "calibrate" in report["warning"]
+    assert report["calibration"] is None and report["warning"] is None  # recalibrated in the add's commit
     stored = directory / "uploads" / f"{sha}.bmp"
     assert stored.read_bytes() == new.read_bytes()  # the uploaded bytes live inside the index, for repair
     with Engine.open(directory) as engine:
         assert engine.catalog.known_hashes([sha])[sha]["path"] == str(stored)
         assert engine.check()["ok"]
 
-    # The bank changed: the old threshold is never applied to it.
+    # The bank changed and its calibration was measured again with it: verdicts go on.
     (record,) = query(client, piped_test("impurity")[0])
-    assert record["generation"] == 2 and record["is_anomalous"] is None and record["threshold"] is None
-    assert "calibrate" in record["warning"]
+    assert record["generation"] == record["calibration_generation"] == 2 and record["is_anomalous"] is True
     again = client.post("/v1/indexes/piped/images", files=upload(new), headers=AUTH).json()
     assert again["added"] == [] and "already in the index" in again["skipped"][0]["reason"]
 
@@ -253,6 +252,7 @@ def test_add_upload_remove_and_calibrate(writable):
 
     removed = client.delete(f"/v1/indexes/piped/images/{sha}", headers=AUTH)
     assert removed.status_code == 200 and removed.json()["removed"] == [sha] and removed.json()["generation"] == 3
+    assert removed.json()["calibration"] is None
     assert not stored.exists()
     assert client.delete(f"/v1/indexes/piped/images/{sha}", headers=AUTH).status_code == 404
     assert client.get("/v1/indexes/piped").json()["reference_images"] == 23
@@ -274,14 +274,19 @@ def test_changes_made_outside_the_server_are_seen_at_the_next_request(writable, 
     (first,) = query(client, piped_test("impurity")[0])
     assert (first["generation"], first["calibration_id"]) == (1, 1)
     with Engine.open(directory) as cli:  # another writer, as `simsearch index add` would be
-        cli.add([str(piped_test("good")[2])])
-    (second,) = query(client, piped_test("impurity")[0])
-    assert second["generation"] == 2 and second["is_anomalous"] is None and second["threshold"] is None
+        cli.add([str(piped_test("good")[2])], recalibrate=False)
+    (second,) = query(client, piped_test("impurity")[0])  # verdicts by the calibration the add predates
+    assert second["generation"] == 2 and second["calibration_generation"] == 1 and second["is_anomalous"] is True
+    assert "before the adds since" in second["warning"]
     assert client.get("/v1/indexes/piped").json()["calibration_fresh"] is False
+    with Engine.open(directory) as cli:
+        cli.remove([str(piped_test("good")[2])], recalibrate=False)
+    (stale,) = query(client, piped_test("impurity")[0])
+    assert stale["generation"] == 3 and stale["is_anomalous"] is None and stale["threshold"] is None
     with Engine.open(directory) as cli:
         cli.calibrate()
     (third,) = query(client, piped_test("impurity")[0])
-    assert third["calibration_id"] == 2 and third["is_anomalous"] is True
+    assert third["calibration_id"] == 3 and third["is_anomalous"] is True
     # The index deleted and built again (a new database file): the server reopens it.
     shutil.rmtree(directory)
     assert client.post("/v1/indexes/piped/query", files=upload(piped_test("good")[0])).status_code == 503
@@ -365,6 +370,13 @@ def test_recent_queries_and_metrics(client):
     assert 'simsearch_http_requests_total{method="POST",route="/v1/indexes/{name}/query",status="200"}' in text
     assert 'simsearch_http_request_duration_seconds_count{method="POST",route="/v1/indexes/{name}/query"}' in text
     assert 'simsearch_queries_total{index="piped",verdict="anomalous"}' in text
+    assert 'simsearch_drift_share{index="piped"}' in text and 'simsearch_drift_expected_share{index="piped"}' in text
+    tile = sorted((DATASETS / "magnetic_tile" / "magnetic_tile" / "test" / "good").iterdir())[0]
+    (foreign,) = query(client, tile)
+    assert foreign["comparable"] is False and foreign["is_anomalous"] is None
+    assert 'simsearch_queries_total{index="piped",verdict="foreign"} 1.0' in client.get("/v1/metrics").text
+    drift = client.get("/v1/indexes/piped").json()["drift"]
+    assert drift["queries"] >= 1 and drift["expected_share"] > 0
 
 
 def test_dashboard_files_are_served(client):
