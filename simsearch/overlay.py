@@ -27,13 +27,13 @@ def ramp_range(anomaly_map: np.ndarray, pixel_threshold: float | None) -> tuple[
 
 
 def ramp_colours(level: np.ndarray) -> np.ndarray:
-    """(H, W) levels in [0, 1] -> (H, W, 3) uint8 BGR, a hue sweep that few parts share: violet at the floor (0),
-    magenta at the pixel threshold, red at the top (1)."""
-    level = np.clip(level, 0.0, 1.0)
+    """(...) levels in [0, 1] -> (..., 3) uint8 BGR, a hue sweep few parts share: violet at the floor (0),
+    magenta at the pixel threshold, red at the top (1). (Green stays 0: the ground-truth contour's colour.)"""
+    level = np.clip(np.asarray(level, np.float32), 0.0, 1.0)
     at = (1.0 - FLOOR) / (TOP - FLOOR)  # where the threshold sits on the ramp
-    hue = np.where(level <= at, 135 + 15 * level / at, 150 + 30 * (level - at) / (1 - at))  # OpenCV hue: 0-180
-    hsv = np.stack([np.mod(hue, 180), np.full_like(hue, 255), np.full_like(hue, 255)], -1).astype(np.uint8)
-    return cv2.cvtColor(hsv[None] if hsv.ndim == 2 else hsv, cv2.COLOR_HSV2BGR).reshape(hsv.shape)
+    red = np.where(level <= at, 128 + 127 * level / at, 255.0)
+    blue = np.where(level <= at, 255.0, 255 * (1 - (level - at) / (1 - at)))
+    return np.stack([blue, np.zeros_like(level), red], -1).round().astype(np.uint8)
 
 
 def _text_scale(width: int) -> tuple[float, int]:
@@ -101,10 +101,12 @@ def heatmap_overlay(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: f
     if rgb.shape[:2] != (h, w):
         raise ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, map is {w}x{h}")
     floor, top = ramp_range(anomaly_map, pixel_threshold)
-    level = (anomaly_map.astype(np.float32) - floor) / (top - floor)
-    alpha = np.where(anomaly_map > floor, 0.3 + 0.5 * np.clip(level, 0.0, 1.0), 0.0)[..., None]
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR).astype(np.float32)
-    out = (bgr * (1.0 - alpha) + ramp_colours(level).astype(np.float32) * alpha).round().astype(np.uint8)
+    out = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    tinted = anomaly_map > floor  # usually a small part: only those pixels are blended (cheap on large images)
+    level = (anomaly_map[tinted].astype(np.float32) - floor) / np.float32(top - floor)
+    alpha = (0.3 + 0.5 * np.clip(level, 0.0, 1.0))[:, None]
+    colour = ramp_colours(level).astype(np.float32)
+    out[tinted] = (out[tinted].astype(np.float32) * (1.0 - alpha) + colour * alpha).round().astype(np.uint8)
     thick = max(1, int(round(min(h, w) / 400)))
     if truth is not None and truth.any():
         contours, _ = cv2.findContours(truth.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
