@@ -52,7 +52,7 @@ def score_histogram(good: np.ndarray, defect: np.ndarray, threshold: float, expe
     plt = _pyplot()
     values = np.concatenate([good, defect, [threshold]])
     bins = np.linspace(values.min(), values.max(), 31)
-    fig, ax = plt.subplots(figsize=(5.4, 3.8))
+    fig, ax = plt.subplots(figsize=(4.6, 3.8))
     if good.size:
         ax.hist(good, bins=bins, color=GOOD_COLOUR, alpha=0.6, label=f"good ({good.size})")
     if defect.size:

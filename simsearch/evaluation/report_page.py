@@ -42,11 +42,11 @@ th{background:#f0f2f5;font-weight:600}td:first-child,th:first-child{text-align:l
 tr.sub td:first-child{padding-left:26px;color:#495057}
 .facts{display:flex;flex-wrap:wrap;gap:8px 26px;margin:8px 0;color:#343a40}.facts b{color:#000}
 .plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(300px,1fr));gap:14px;align-items:start}
-.gallery{display:flex;flex-wrap:wrap;gap:14px}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:14px}
 .plots img{width:100%;height:auto;border:1px solid #e3e7ec;border-radius:4px}
-figure{margin:0;background:#fafbfc;border:1px solid #e3e7ec;border-radius:6px;padding:8px;max-width:300px}
-.gallery img{image-rendering:pixelated;display:block;max-width:100%;height:auto}
-figcaption{font-size:12.5px;color:#343a40;margin-top:6px;word-break:break-all}
+figure{margin:0;background:#fafbfc;border:1px solid #e3e7ec;border-radius:6px;padding:8px}
+.gallery img{image-rendering:pixelated;display:block;width:100%;height:auto}
+figcaption{font-size:12.5px;color:#343a40;margin-top:6px;overflow-wrap:anywhere}
 .bad{color:#c92a2a;font-weight:600}.ok{color:#2b8a3e;font-weight:600}
 .key{font-size:13px;color:#495057}.key span{display:inline-block;width:12px;height:12px;vertical-align:-1px;
 margin:0 4px 0 12px;border-radius:2px}

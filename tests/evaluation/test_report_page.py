@@ -1,7 +1,7 @@
 """The eval report on a tiny real PIPED slice: per-defect rows, confusion counts, images.csv, and report.html as
 headless Chromium shows it (every image loads).
 
-Set SIMSEARCH_REPORT_SCREENSHOT=docs/eval_report.png to keep the page's screenshot."""
+Set SIMSEARCH_REPORT_SCREENSHOT=FILE.png to keep the page's screenshot (the test always saves one under tmp_path)."""
 from __future__ import annotations
 
 import csv
