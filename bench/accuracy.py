@@ -6,7 +6,8 @@
 
 Each (method, dataset, category) result is cached as JSON under bench/.cache/accuracy/, so a run that is
 cut off resumes where it stopped; delete the cache (or pass --fresh) to measure again. The markdown is
-rewritten from whatever the cache holds after every category.
+rewritten from whatever the cache holds after every category, and with it docs/accuracy_<metric>.png: per
+dataset, the methods' means side by side as bars, one chart per metric.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 CACHE = ROOT / "bench" / ".cache" / "accuracy"
 OUT = ROOT / "docs" / "benchmarks.md"
+CHART_METRICS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO@0.3"}
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_at_threshold", "best_f1", "fpr_good")
 HEADERS = ("image AUROC", "pixel AUROC", "AUPRO@0.3", "F1@thr", "best F1", "FPR good (target 0.01)")
 
@@ -97,8 +99,31 @@ def anomalib_records() -> list[dict]:
     return out
 
 
+def write_charts(records: list[dict]) -> list[Path]:
+    """docs/accuracy_<metric>.png for each of CHART_METRICS: per dataset, one bar per method (not the ablation
+    variants) with its mean over the categories it has finished; -> the files written."""
+    from simsearch.evaluation.plots import metric_bars
+
+    written = []
+    for metric, label in CHART_METRICS.items():
+        table: dict[str, dict[str, float | None]] = {}
+        for r in records:
+            if ":" in r["method"]:
+                continue
+            table.setdefault(r["dataset"], {}).setdefault(r["method"], [])
+            table[r["dataset"]][r["method"]].append(r.get(metric))
+        means = {d: {m: (float(sum(v for v in vs if v is not None) / len([v for v in vs if v is not None]))
+                         if any(v is not None for v in vs) else None) for m, vs in row.items()}
+                 for d, row in sorted(table.items())}
+        if means:
+            written.append(Path(metric_bars(means, label, OUT.parent / f"accuracy_{metric}.png",
+                                            f"{label}: mean over categories")))
+    return written
+
+
 def write_markdown() -> None:
     records = [json.loads(p.read_text()) for p in sorted(CACHE.glob("*/*/*.json"))] + anomalib_records()
+    charts = write_charts(records)
     lines = ["# Benchmarks", "",
              f"Machine: {os.cpu_count()} CPU cores, {platform.machine()}, no GPU; Python {platform.python_version()}.",
              "Command: `.venv/bin/python bench/accuracy.py` (resumable; per-category results cached in "
@@ -146,7 +171,7 @@ def write_markdown() -> None:
              "0.5147 / 0.6048 / 0.6077, no better than chance at image level) but not on PIPED, where the "
              "autoencoder's maps localise better than the engine's (pixel AUROC 0.9798 against 0.9737, AUPRO "
              "0.8796 against 0.8106) while ranking images worse (0.9845 against 0.9957).",
-             ""]
+             "", *(f"![{p.stem}]({p.name})" for p in charts), ""]
     for dataset in sorted({r["dataset"] for r in records}):
         all_rows = [r for r in records if r["dataset"] == dataset]
         rows = [r for r in all_rows if ":" not in r["method"]]

@@ -517,7 +517,8 @@ def eval_command(
                                              "or autoencoder.")] = "patchcore",
     folds: Annotated[int, typer.Option(help="Folds for the threshold from train/good.")] = 5,
     target_fpr: Annotated[float, typer.Option(help="Target false-positive rate for the threshold.")] = 0.01,
-    report: Annotated[Optional[Path], typer.Option(help="Write a markdown + HTML report with heatmaps here.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write report.html (plots, per-defect rows, worst-case "
+                                                        "overlays), report.md and images.csv here.")] = None,
     scale: ScaleOpt = None,
     short_side: ShortSideOpt = None,
     tile_size: TileSizeOpt = None,
@@ -540,7 +541,8 @@ def eval_command(
         require_torch("`simsearch eval`")
     from .evaluation.datasets import category_names, load_category
     from .evaluation.runner import METHODS, evaluate_category, mean_row
-    from .report import eval_table_rows, markdown_table, write_eval_report
+    from .evaluation.report_page import write_eval_report
+    from .report import eval_table_rows, markdown_table
 
     if method not in METHODS:
         fail(f"unknown method {method!r}; available: {', '.join(METHODS)}")

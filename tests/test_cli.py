@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from realdata import PIPED, needs_piped, piped_test
+from realdata import PIPED, needs_piped, piped_test, tiny_category
 
 pytestmark = needs_piped
 QUERY_KEYS = {"image", "score", "threshold", "is_anomalous", "similarity", "regions", "heatmap", "generation",
@@ -146,22 +146,6 @@ def test_finetune_bad_input_fails_clearly_and_writes_nothing(tmp_path, args, mes
     proc = simsearch("finetune", *args, "--out", str(out), "--steps", "2", index=tmp_path / "ix", check=False)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
     assert list(out.parent.iterdir()) == []
-
-
-def tiny_category(root: Path) -> Path:
-    """An MVTec-layout slice of PA_BDP01_TL made of symlinks (the data is read in place, never copied)."""
-    category = root / "PA_BDP01_TL"
-    picks = {"train/good": sorted((PIPED / "train" / "good").iterdir())[:8],
-             "test/good": piped_test("good")[:2], "test/impurity": piped_test("impurity")[:3]}
-    for folder, files in picks.items():
-        (category / folder).mkdir(parents=True)
-        for f in files:
-            (category / folder / f.name).symlink_to(f)
-    (category / "ground_truth" / "impurity").mkdir(parents=True)
-    for f in picks["test/impurity"]:
-        mask = PIPED / "ground_truth" / "impurity" / f"{f.stem}_mask.png"
-        (category / "ground_truth" / "impurity" / mask.name).symlink_to(mask)
-    return root
 
 
 def test_eval_finetune_runs_end_to_end_on_a_tiny_real_subset(tmp_path):

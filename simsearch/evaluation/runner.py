@@ -2,7 +2,9 @@
 
 Per category: a fresh index from all of train/good; the image threshold from cross-scoring train/good
 (k folds, each scored against a bank built without it, then the same order-statistics rule as
-`simsearch calibrate`); every test image scored; metrics from `metrics.py` at the masks' resolution.
+`simsearch calibrate`), and the pixel threshold from the same cross-scores' maps (their region levels, as
+`calibrate` does); every test image scored; metrics from `metrics.py` at the masks' resolution, overall and
+per defect type, and the confusion counts at the image threshold.
 """
 from __future__ import annotations
 
@@ -21,13 +23,25 @@ from ..errors import BadInput
 from ..finetune import FinetuneSettings, finetune_files
 from ..images import load_image
 from ..records import Progress
-from ..scoring import score_vectors
+from ..scoring import find_regions, region_level, score_grid, score_vectors
 from ..store.vectors import VectorIndex, choose_kind
 from . import metrics
 from .baselines import BASELINES
 from .datasets import Category, load_mask
 
 METHODS = ("patchcore", *BASELINES)
+
+@dataclass
+class Case:
+    """One scored test image, kept for the report (not for JSON)."""
+    path: str
+    label: int  # 0 good, 1 defective
+    defect_type: str  # "good" or the defect folder's name
+    score: float
+    anomaly_map: np.ndarray | None = field(repr=False)  # (H, W) float32 at the image's resolution
+    mask_path: str | None = None
+    regions: list = field(default_factory=list)  # scoring.Region at the pixel threshold, best first
+
 
 @dataclass
 class CategoryResult:
@@ -49,7 +63,14 @@ class CategoryResult:
     peak_rss_mib: float = 0.0
     # With fine-tuning: the head's training (loss, steps, seed, final loss...); None for the frozen embedder.
     finetune: dict | None = None
-    # Kept for the report, not for JSON: (path, label, score, map) of every test image.
+    # The pixel threshold (and the regions' min area) from the train/good cross-scores' maps, as `calibrate`
+    # sets them; None for a method without maps.
+    pixel_threshold: float | None = None
+    min_region_area: int | None = None
+    confusion: dict = field(default_factory=dict)  # tp, fp, tn, fn at the calibrated image threshold
+    # defect type -> {count, image_auroc (that type vs test/good), pixel_auroc, aupro (masks permitting)}
+    per_defect: dict = field(default_factory=dict)
+    # Kept for the report, not for JSON: every test image as a Case.
     cases: list = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
@@ -73,11 +94,34 @@ def cross_scores(engine: Engine, folds: int, progress: Progress | None = None,
                  reembed: bool = False) -> np.ndarray:
     """Image scores of every bank image against a bank built without its fold. (N,) float. `reembed`: score
     each image on all its patches, embedded again (for a bank that does not hold them all: a coreset)."""
+    return _cross_score(engine, folds, progress, reembed, region_area=None)[0]
+
+
+def cross_scores_and_levels(engine: Engine, folds: int, progress: Progress | None = None) -> tuple:
+    """Like `cross_scores` (every image re-embedded, scored on all its patches), plus each image's region level
+    (`scoring.region_level` of its map, regions of the index's default min area) so that eval's pixel threshold
+    comes from the same rule as `simsearch calibrate`'s. -> (scores (N,), levels (N,), min region area px)."""
+    first = engine.images("reference")[0]
+    area = engine.default_min_region_area(int(first["height"]), int(first["width"]))
+    scores, levels = _cross_score(engine, folds, progress, True, region_area=area)
+    return scores, levels, area
+
+
+def _cross_score(engine: Engine, folds: int, progress: Progress | None, reembed: bool,
+                 region_area: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(scores (N,), region levels (N,) or None when region_area is None) of the bank images, fold by fold."""
     per_image = engine.vectors_by_image()
     image_ids = sorted(per_image)
-    queries = _full_patches(engine, image_ids) if reembed else per_image
+    grids = None
+    if region_area is not None:  # the maps need each image's patch grid, embedded again
+        paths = {r["id"]: r["path"] for r in engine.images("reference")}
+        grids = dict(zip(image_ids, engine.embedder.embed_many(load_image(paths[i]) for i in image_ids)))
+        queries = None
+    else:
+        queries = _full_patches(engine, image_ids) if reembed else per_image
     folds = max(2, min(folds, len(image_ids)))
     scores = np.zeros(len(image_ids), dtype=np.float64)
+    levels = np.zeros(len(image_ids), dtype=np.float64) if grids is not None else None
     fold_of = np.arange(len(image_ids)) % folds
     for f in range(folds):
         if progress:
@@ -88,10 +132,14 @@ def cross_scores(engine: Engine, folds: int, progress: Progress | None = None,
         bank = VectorIndex.from_vectors(kind, bank_vectors, np.arange(len(bank_vectors)))
         bank.use_nprobe(engine.config.nprobe)
         for pos in np.flatnonzero(fold_of == f):
-            scores[pos] = score_vectors(bank, queries[image_ids[pos]], engine.config.search).image_score
+            if grids is not None:
+                scored = score_grid(bank, grids[image_ids[pos]], engine.config.search)
+                scores[pos], levels[pos] = scored.score, region_level(scored.anomaly_map, region_area)
+            else:
+                scores[pos] = score_vectors(bank, queries[image_ids[pos]], engine.config.search).image_score
     if progress:
         progress("threshold", folds, folds)
-    return scores
+    return scores, levels
 
 
 def _score_tests(category: Category, score: Callable, progress: Progress | None) -> list[tuple]:
@@ -128,7 +176,8 @@ def _run_patchcore(category: Category, settings: dict, folds: int, workdir, prog
                    progress=(lambda _stage, d, t: progress("build", d, t)) if progress else None)
         seconds["build"] = time.perf_counter() - start
         start = time.perf_counter()
-        train_scores = cross_scores(engine, folds, progress, reembed=coreset is not None and coreset < 1)
+        # every train image scored on all its patches, re-embedded: its map gives the pixel threshold too
+        train_scores, levels, area = cross_scores_and_levels(engine, folds, progress)
         seconds["threshold"] = time.perf_counter() - start
         start = time.perf_counter()
 
@@ -138,7 +187,7 @@ def _run_patchcore(category: Category, settings: dict, folds: int, workdir, prog
         tests = _score_tests(category, score, progress)
         engine.close()
         seconds["test"] = time.perf_counter() - start
-    return train_scores, tests
+    return train_scores, tests, levels, area
 
 
 def _run_detector(make: Callable, category: Category, folds: int, progress, seconds: dict):
@@ -163,7 +212,7 @@ def _run_detector(make: Callable, category: Category, folds: int, progress, seco
     start = time.perf_counter()
     tests = _score_tests(category, detector.score, progress)
     seconds["test"] = time.perf_counter() - start
-    return train_scores, tests
+    return train_scores, tests, None, None
 
 
 def evaluate_category(category: Category, *, method: str = "patchcore", settings: dict | None = None,
@@ -178,13 +227,14 @@ def evaluate_category(category: Category, *, method: str = "patchcore", settings
     if (finetune is not None or coreset is not None) and method != "patchcore":
         raise BadInput(f"fine-tuning and a coreset apply to the engine (patchcore), not to {method!r}")
     if method == "patchcore":
-        train_scores, tests = _run_patchcore(category, settings or {}, folds, workdir, progress, seconds,
-                                             finetune, trained, coreset)
+        train_scores, tests, levels, area = _run_patchcore(category, settings or {}, folds, workdir, progress,
+                                                           seconds, finetune, trained, coreset)
     elif method in BASELINES:
-        train_scores, tests = _run_detector(BASELINES[method], category, folds, progress, seconds)
+        train_scores, tests, levels, area = _run_detector(BASELINES[method], category, folds, progress, seconds)
     else:
         raise BadInput(f"unknown method {method!r}; available: {METHODS}")
     choice = threshold_for_fpr(train_scores, target_fpr)
+    pixel_threshold = None if levels is None else threshold_for_fpr(levels, target_fpr).threshold
 
     start = time.perf_counter()
     labels = np.asarray([sample.label for sample, _, _ in tests])
@@ -193,6 +243,10 @@ def evaluate_category(category: Category, *, method: str = "patchcore", settings
     masks = [load_mask(sample, amap.shape) for sample, _, amap in tests] if with_maps else []
     maps = [amap for _, _, amap in tests] if with_maps else []
     at = metrics.f1_at(labels, scores, choice.threshold)
+    cases = [Case(str(sample.path), sample.label, sample.defect_type, score, amap,
+                  None if sample.mask_path is None else str(sample.mask_path),
+                  find_regions(amap, pixel_threshold, area) if pixel_threshold is not None and amap is not None
+                  else []) for sample, score, amap in tests]
     result = CategoryResult(
         category=category.name, method=method, n_train=len(category.train),
         n_test_good=int((labels == 0).sum()), n_test_defect=int(labels.sum()),
@@ -202,12 +256,38 @@ def evaluate_category(category: Category, *, method: str = "patchcore", settings
         threshold=choice.threshold, f1_at_threshold=at["f1"],
         best_f1=metrics.best_f1(labels, scores)[0] if 0 < labels.sum() < len(labels) else None,
         fpr_good=at["fpr_good"], target_fpr=target_fpr, expected_fpr=choice.expected_fpr,
-        cases=[(str(sample.path), sample.label, score, amap) for sample, score, amap in tests],
-        finetune=trained or None)
+        pixel_threshold=pixel_threshold, min_region_area=area,
+        confusion={k: at[k] for k in ("tp", "fp", "tn", "fn")},
+        per_defect=per_defect_metrics([s.defect_type for s, _, _ in tests], scores, masks, maps),
+        cases=cases, finetune=trained or None)
     seconds["metrics"] = time.perf_counter() - start
     result.seconds = {k: round(v, 2) for k, v in seconds.items()}
     result.peak_rss_mib = round(peak_rss_mib(), 1)
     return result
+
+
+def per_defect_metrics(kinds: list[str], scores: np.ndarray, masks: list, maps: list) -> dict:
+    """defect type -> {count, image_auroc, pixel_auroc, aupro} of that type's images against all good ones.
+
+    kinds: (N,) "good" or a defect type per test image; scores (N,); masks, maps: per image (H_i, W_i), or
+    empty lists when there are no pixel metrics (then those two are None). Each type is scored with the good
+    images' pixels as its normal pixels, as the whole set is.
+    """
+    kinds_arr = np.asarray(kinds)
+    good = kinds_arr == "good"
+    out = {}
+    for kind in sorted(set(kinds) - {"good"}):
+        picked = np.flatnonzero(good | (kinds_arr == kind))
+        labels = (kinds_arr[picked] != "good").astype(int)
+        entry = {"count": int((kinds_arr == kind).sum()),
+                 "image_auroc": metrics.image_auroc(labels, scores[picked]) if good.any() else None,
+                 "pixel_auroc": None, "aupro": None}
+        if masks:
+            sub_masks, sub_maps = [masks[i] for i in picked], [maps[i] for i in picked]
+            entry["pixel_auroc"] = metrics.pixel_auroc(sub_masks, sub_maps)
+            entry["aupro"] = metrics.aupro(sub_masks, sub_maps, max_fpr=0.3)
+        out[kind] = entry
+    return out
 
 
 def mean_row(results: list[CategoryResult]) -> dict:

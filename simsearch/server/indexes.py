@@ -26,8 +26,8 @@ import numpy as np
 from ..engine import Engine
 from ..errors import BadInput, ImageTooLarge, IndexUnavailable, RequestRefused, SimsearchError, UnknownIndex
 from ..images import Image, decode, header_size
+from ..overlay import heatmap_overlay
 from ..records import AddReport, QueryResult, query_record
-from ..report import heatmap_overlay
 from .uploads import Upload
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -183,7 +183,8 @@ class ServedIndex:
             record["query_id"] = query_id = uuid.uuid4().hex[:16]
             heatmap_png = None
             if heatmap != "none":
-                heatmap_png = _png(heatmap_overlay(img.rgb, result.anomaly_map, pixel_threshold, result.regions))
+                heatmap_png = _png(heatmap_overlay(img.rgb, result.anomaly_map, pixel_threshold, result.regions,
+                                                   score=result.score, image_threshold=result.threshold))
                 record["heatmap"] = (f"{self.url}/queries/{query_id}/heatmap.png" if heatmap == "url" else
                                      "data:image/png;base64," + base64.b64encode(heatmap_png).decode())
             kept = heatmap_png if heatmap == "url" else None
@@ -427,4 +428,4 @@ def _preview_png(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: floa
         size = (max(1, round(w * factor)), max(1, round(h * factor)))
         rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
         anomaly_map = cv2.resize(anomaly_map, size, interpolation=cv2.INTER_AREA)
-    return _png(heatmap_overlay(rgb, anomaly_map, pixel_threshold))
+    return _png(heatmap_overlay(rgb, anomaly_map, pixel_threshold, legend=False))

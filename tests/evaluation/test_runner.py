@@ -59,8 +59,9 @@ def test_evaluate_category_on_piped(tmp_path):
     assert 0.5 < result.pixel_auroc <= 1.0 and 0.0 < result.aupro <= 1.0
     assert set(result.seconds) == {"build", "threshold", "test", "metrics"}
     assert result.threshold > 0 and result.expected_fpr == pytest.approx(1 / 32)  # 31 train images, k = 1
-    labels = np.array([c[1] for c in result.cases])
-    scores = np.array([c[2] for c in result.cases])
+    assert result.pixel_threshold > 0 and result.min_region_area > 0  # from the same cross-scores
+    labels = np.array([c.label for c in result.cases])
+    scores = np.array([c.score for c in result.cases])
     assert result.fpr_good == pytest.approx(((scores > result.threshold) & (labels == 0)).sum() / 16)
     assert list(tmp_path.iterdir()) == []  # the temporary index is gone
 
@@ -74,10 +75,15 @@ def test_eval_cli_json_and_report(tmp_path):
     assert [r["category"] for r in lines] == [PIPED.name, "mean"]
     assert lines[0]["image_auroc"] == lines[1]["image_auroc"] >= 0.95
     assert "cases" not in lines[0]
+    assert lines[0]["per_defect"]["impurity"]["count"] == 48
+    assert sum(lines[0]["confusion"].values()) == 64
     report = (tmp_path / "rep" / "report.md").read_text()
     assert PIPED.name in report and "image AUROC" in report
-    assert len(list((tmp_path / "rep" / "heatmaps").iterdir())) == 3
-    assert (tmp_path / "rep" / "report.html").read_text().count("<img") == 3
+    with open(tmp_path / "rep" / "images.csv") as f:
+        assert sum(1 for _ in f) == 1 + 64  # the header and the 64 test images
+    page = (tmp_path / "rep" / "report.html").read_text()
+    for plot in ("roc.png", "scores.png", "pro.png"):
+        assert f"{PIPED.name}/{plot}" in page and (tmp_path / "rep" / PIPED.name / plot).is_file()
 
 
 def test_eval_refuses_unknown_category():
