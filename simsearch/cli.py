@@ -321,14 +321,21 @@ def query(
 
     failures = 0
     taken: set[str] = set()
+    files: list[str] = []  # each input expanded on its own: a missing file is reported, the rest answered
+    for item in images:
+        try:
+            found, skipped = expand_paths([item])
+        except SimsearchError as exc:
+            failures = max(failures, exit_code(exc))
+            say("error", exc, "red")
+            continue
+        files += found
+        for path, reason in skipped:
+            say("skipped", f"{path}: {reason}")
     with user_errors():
-        files, skipped = expand_paths(images)
-        if not files:
-            raise BadInput(f"no image files in {', '.join(images)}" +
-                           (f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""))
+        if not files and not failures:
+            raise BadInput(f"no image files in {', '.join(images)}")
         engine = Engine.open(index)
-    for path, reason in skipped:
-        say("skipped", f"{path}: {reason}")
     with engine:
         _cal, warning = engine.current_calibration()
         if warning:
