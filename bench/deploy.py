@@ -28,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from cached_steps import run_steps  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "datasets"
 CACHE = ROOT / "bench" / ".cache" / "deploy"
 
@@ -187,13 +190,7 @@ def main() -> None:
     if args.write_docs:
         write_docs()
         return
-    CACHE.mkdir(parents=True, exist_ok=True)
-    for step in args.steps:
-        path = CACHE / f"{step}.json"
-        if not args.report and (args.force or not path.exists()):
-            path.write_text(json.dumps(STEPS[step](), indent=1))
-        if path.exists():
-            print(f"## {step}\n{path.read_text()}")
+    run_steps(STEPS, args.steps, CACHE, force=args.force, report_only=args.report)
 
 
 if __name__ == "__main__":

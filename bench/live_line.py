@@ -29,6 +29,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from cached_steps import run_steps  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "datasets"
 CACHE = ROOT / "bench" / ".cache" / "live_line"
 DRAWS = 2000
@@ -131,13 +134,7 @@ def main() -> None:
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--report", action="store_true")
     args = parser.parse_args()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    for step in args.steps:
-        path = CACHE / f"{step}.json"
-        if not args.report and (args.force or not path.is_file()):
-            path.write_text(json.dumps(STEPS[step](), indent=1))
-        if path.is_file():
-            print(f"## {step}\n{path.read_text()}")
+    run_steps(STEPS, args.steps, CACHE, force=args.force, report_only=args.report)
 
 
 if __name__ == "__main__":
