@@ -1,8 +1,8 @@
 """`simsearch eval`: measure a method on MVTec-layout data, the way anomalib does, with no test leakage.
 
 Per category: a fresh index from all of train/good; the image threshold from cross-scoring train/good
-(k folds, each scored against a bank built without it, then the same order-statistics rule as
-`simsearch calibrate`), and the pixel threshold from the same cross-scores' maps (their region levels, as
+(`simsearch calibrate --folds k`: k folds, each scored against the bank without it, then the order-statistics
+rule), and the pixel threshold from the same cross-scores' maps (their region levels, as
 `calibrate` does); every test image scored; metrics from `metrics.py` at the masks' resolution, overall and
 per defect type, and the confusion counts at the image threshold.
 """
@@ -21,10 +21,8 @@ from ..calibration import threshold_for_fpr
 from ..engine import Engine
 from ..errors import BadInput
 from ..finetune import FinetuneSettings, finetune_files
-from ..images import load_image
 from ..records import Progress
-from ..scoring import find_regions, region_level, score_grid, score_vectors
-from ..store.vectors import VectorIndex, choose_kind
+from ..scoring import find_regions
 from . import metrics
 from .baselines import BASELINES
 from .datasets import Category, load_mask
@@ -82,66 +80,6 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _full_patches(engine: Engine, image_ids: list[int]) -> dict[int, np.ndarray]:
-    """image id -> (n, D) patch vectors of the whole image, embedded again from its file (a coreset bank keeps
-    only some of them, and a held-out image must be scored on all its patches, as a query is)."""
-    paths = {r["id"]: r["path"] for r in engine.images("reference")}
-    grids = engine.embedder.embed_many(load_image(paths[i]) for i in image_ids)
-    return {i: g.features.reshape(-1, g.features.shape[-1]) for i, g in zip(image_ids, grids)}
-
-
-def cross_scores(engine: Engine, folds: int, progress: Progress | None = None,
-                 reembed: bool = False) -> np.ndarray:
-    """Image scores of every bank image against a bank built without its fold. (N,) float. `reembed`: score
-    each image on all its patches, embedded again (for a bank that does not hold them all: a coreset)."""
-    return _cross_score(engine, folds, progress, reembed, region_area=None)[0]
-
-
-def cross_scores_and_levels(engine: Engine, folds: int, progress: Progress | None = None) -> tuple:
-    """Like `cross_scores` (every image re-embedded, scored on all its patches), plus each image's region level
-    (`scoring.region_level` of its map, regions of the index's default min area) so that eval's pixel threshold
-    comes from the same rule as `simsearch calibrate`'s. -> (scores (N,), levels (N,), min region area px)."""
-    first = engine.images("reference")[0]
-    area = engine.default_min_region_area(int(first["height"]), int(first["width"]))
-    scores, levels = _cross_score(engine, folds, progress, True, region_area=area)
-    return scores, levels, area
-
-
-def _cross_score(engine: Engine, folds: int, progress: Progress | None, reembed: bool,
-                 region_area: int | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(scores (N,), region levels (N,) or None when region_area is None) of the bank images, fold by fold."""
-    per_image = engine.vectors_by_image()
-    image_ids = sorted(per_image)
-    grids = None
-    if region_area is not None:  # the maps need each image's patch grid, embedded again
-        paths = {r["id"]: r["path"] for r in engine.images("reference")}
-        grids = dict(zip(image_ids, engine.embedder.embed_many(load_image(paths[i]) for i in image_ids)))
-        queries = None
-    else:
-        queries = _full_patches(engine, image_ids) if reembed else per_image
-    folds = max(2, min(folds, len(image_ids)))
-    scores = np.zeros(len(image_ids), dtype=np.float64)
-    levels = np.zeros(len(image_ids), dtype=np.float64) if grids is not None else None
-    fold_of = np.arange(len(image_ids)) % folds
-    for f in range(folds):
-        if progress:
-            progress("threshold", f, folds)
-        rest = [per_image[i] for i, fo in zip(image_ids, fold_of) if fo != f]
-        bank_vectors = np.concatenate(rest)
-        kind = choose_kind(engine.config.index_kind, len(bank_vectors))
-        bank = VectorIndex.from_vectors(kind, bank_vectors, np.arange(len(bank_vectors)))
-        bank.use_nprobe(engine.config.nprobe)
-        for pos in np.flatnonzero(fold_of == f):
-            if grids is not None:
-                scored = score_grid(bank, grids[image_ids[pos]], engine.config.search)
-                scores[pos], levels[pos] = scored.score, region_level(scored.anomaly_map, region_area)
-            else:
-                scores[pos] = score_vectors(bank, queries[image_ids[pos]], engine.config.search).image_score
-    if progress:
-        progress("threshold", folds, folds)
-    return scores, levels
-
-
 def _score_tests(category: Category, score: Callable, progress: Progress | None) -> list[tuple]:
     """(sample, score, map or None) for every test image."""
     out = []
@@ -176,8 +114,13 @@ def _run_patchcore(category: Category, settings: dict, folds: int, workdir, prog
                    progress=(lambda _stage, d, t: progress("build", d, t)) if progress else None)
         seconds["build"] = time.perf_counter() - start
         start = time.perf_counter()
-        # every train image scored on all its patches, re-embedded: its map gives the pixel threshold too
-        train_scores, levels, area = cross_scores_and_levels(engine, folds, progress)
+        # `simsearch calibrate --folds`: every train image re-embedded and scored on all its patches against the
+        # bank without its fold; its map gives the pixel threshold too. The queries below then carry its regions.
+        engine.record_queries = False
+        engine.calibrate(folds=folds, progress=(lambda _stage, d, t: progress("threshold", d, t)) if progress else None)
+        measured = engine.latest_calibration()
+        train_scores = np.asarray(measured["details"]["good_scores"])
+        levels, area = np.asarray(measured["details"]["region_levels"]), int(measured["min_region_area"])
         seconds["threshold"] = time.perf_counter() - start
         start = time.perf_counter()
 

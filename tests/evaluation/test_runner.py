@@ -12,34 +12,23 @@ from realdata import DATASETS, PIPED, needs_piped
 from simsearch import Engine
 from simsearch.calibration import threshold_for_fpr
 from simsearch.evaluation.datasets import load_category
-from simsearch.evaluation.runner import cross_scores, evaluate_category
+from simsearch.evaluation.runner import evaluate_category
 
 pytestmark = needs_piped
 
 
-def test_cross_scores_never_see_their_own_image(tmp_path):
+def test_fold_calibration_never_scores_an_image_against_itself(tmp_path):
+    """eval's threshold comes from `calibrate --folds`: each bank image against the bank without its fold."""
     category = load_category(PIPED.parent, PIPED.name)
     engine = Engine.create(tmp_path / "ix")
     engine.add([str(p) for p in category.train[:12]])
-    scores = cross_scores(engine, folds=3)
+    engine.calibrate(folds=3)
+    scores = np.asarray(engine.latest_calibration()["details"]["good_scores"])
     assert scores.shape == (12,)
     # Scored against its own bank every image would score 0; against the other folds it cannot.
     assert (scores > 1.0).all()
     own = [engine.query(row["path"]).score for row in engine.catalog.images("reference")[:3]]
     assert max(own) < 1e-3
-
-
-def test_cross_scores_of_a_coreset_bank_score_every_patch_of_the_held_out_image(tmp_path):
-    category = load_category(PIPED.parent, PIPED.name)
-    full = Engine.create(tmp_path / "full")
-    full.add([str(p) for p in category.train[:9]])
-    # re-embedding gives back the very vectors the full bank holds
-    np.testing.assert_allclose(cross_scores(full, folds=3, reembed=True), cross_scores(full, folds=3), rtol=1e-4)
-    core = Engine.create(tmp_path / "core")
-    core.add([str(p) for p in category.train[:9]], coreset=0.1)
-    kept_only, every_patch = cross_scores(core, folds=3), cross_scores(core, folds=3, reembed=True)
-    # the same fold banks; scoring all patches finds at least the highest of the kept ones, usually more
-    assert (every_patch >= kept_only - 1e-4).all() and (every_patch > kept_only + 1e-3).any()
 
 
 def test_evaluate_category_with_a_coreset(tmp_path):
