@@ -217,15 +217,17 @@ class Engine:
 
     # -- writing ------------------------------------------------------------------------------
     def add(self, inputs: Iterable[str | os.PathLike], *, holdout: float = 0.0, coreset: float | None = None,
-            progress: Progress | None = None) -> AddReport:
+            progress: Progress | None = None, embedding=None) -> AddReport:
         """Add good images (files, folders, globs) to the bank.
 
         `holdout`: a deterministic fraction of the new images (the smallest sha256 values) is kept out of the
         bank and recorded for calibration. `coreset`: keep this fraction of the new patch vectors (greedy
         k-center against the existing bank). Explicitly named files that cannot be read abort the whole add
         (nothing is written); unreadable files found inside folders are skipped and reported.
+        `embedding`: where the images are read and embedded (ingest.ImageEmbedding; default this process,
+        or simsearch/distributed/ray_ingest.py's RayEmbedding on a Ray cluster).
         """
-        return self.ingest.add(inputs, holdout=holdout, coreset=coreset, progress=progress)
+        return self.ingest.add(inputs, holdout=holdout, coreset=coreset, progress=progress, embedding=embedding)
 
     def remove(self, refs: Iterable[str]) -> dict:
         """Remove images by path or sha256 (prefix of >= 8 hex digits): their vectors and rows go together."""
