@@ -1,6 +1,7 @@
 """The Ray code paths (simsearch/distributed/) on a local two-CPU Ray cluster, one per module (its
 start-up costs seconds): an add through Ray builds what a local add builds, a sharded bank answers as
-one bank, the categories of an eval fan out as tasks, and a driver killed mid-add leaves the index whole."""
+one bank, the categories of an eval fan out as tasks, a worker lost mid-add has its batch run again, and a
+driver killed mid-add leaves the index whole."""
 from __future__ import annotations
 
 import os
@@ -47,15 +48,27 @@ def stored(engine: Engine) -> tuple[list[tuple], np.ndarray, np.ndarray]:
     return rows, ids[order], vectors[order]
 
 
-def test_ray_add_builds_the_bank_a_local_add_builds(tmp_path, cluster):
+def test_ray_add_builds_the_bank_a_local_add_builds_even_when_a_worker_is_lost(tmp_path, cluster):
+    from ray_driver import RecordingPids
+
     good = tmp_path / "good"
     paths = write_images(good, range(9))
     (good / "broken.png").write_bytes(b"not an image")  # inside a folder: skipped by both, for the same reason
     probes = write_images(tmp_path / "probe", [50]) + write_images(tmp_path / "probe", [51], defect=True)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    killed = []
+
+    def lose_a_worker(stage, done, total):  # once the first image is back, SIGKILL one of the two actors
+        if stage == "embedding" and done == 1 and not killed:
+            killed.append(int(sorted(pids.iterdir())[0].name))
+            os.kill(killed[0], signal.SIGKILL)
+
     reports, contents, scores = [], [], []
-    for name, embedding in (("local", None), ("ray", RayEmbedding(TinyEmbedder, None, actors=2, batch_images=2))):
+    ray_embedding = RayEmbedding(RecordingPids(str(pids)), None, actors=2, batch_images=2)
+    for name, embedding, progress in (("local", None, None), ("ray", ray_embedding, lose_a_worker)):
         with Engine.create(tmp_path / name, embedder=TinyEmbedder(), index_kind="flat") as engine:
-            reports.append(engine.add([str(good)], holdout=0.25, embedding=embedding))
+            reports.append(engine.add([str(good)], holdout=0.25, embedding=embedding, progress=progress))
             contents.append(stored(engine))
             scores.append(np.array([engine.query(p).score for p in probes]))
             assert engine.check()["ok"]
@@ -69,6 +82,7 @@ def test_ray_add_builds_the_bank_a_local_add_builds(tmp_path, cluster):
     np.testing.assert_allclose(vec_r, vec_l, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scores[1], scores[0], rtol=1e-4)
     assert scores[0][1] > scores[0][0]  # the probes tell good from defective: the scores compared mean something
+    assert killed and len(list(pids.iterdir())) == 3  # Ray started a third actor for the lost one's batches
 
 
 def test_ray_add_of_an_unreadable_named_file_changes_nothing(tmp_path, cluster):
