@@ -16,6 +16,10 @@ Steps:
 - piped-compare: vector counts of the three indexes, and the 64 test images' scores (max relative deviation
   of each Ray index from the local one).
 - mt-local / mt-ray1 / mt-ray2: the same three adds of magnetic_tile train/good (761 images).
+- mt-phases: a local add of magnetic_tile train/good in Python, its phases timed from the progress
+  callback (hashing, reading + embedding, the write), for the throughput model.
+- embed-threads: in one process, the embedding step alone (`ingest.embed_items`, what a local add and each
+  actor run) on 150 magnetic_tile images with the model on 2 threads and on 1, alternated, twice.
 - eval-local / eval-ray: `eval piped --category PA_BDP01_TL --category PA_BRG03_TL --json`, without and
   with `--ray local`; eval-compare: the metrics of the two side by side.
 """
@@ -122,6 +126,60 @@ def compare_step(prefix: str, test_images: list[Path]) -> dict:
     return out
 
 
+PHASES = """
+import json, sys, time
+from simsearch.engine import Engine
+marks = {}
+def progress(stage, done, total):
+    marks.setdefault(stage, time.perf_counter())
+with Engine.create(sys.argv[1]) as engine:
+    start = time.perf_counter()
+    report = engine.add([sys.argv[2]], progress=progress)
+    end = time.perf_counter()
+print(json.dumps({"hash_s": marks["embedding"] - start, "embed_s": marks["writing"] - marks["embedding"],
+                  "write_s": end - marks["writing"], "images": len(report.added), "vectors": report.vectors_added}))
+"""
+
+
+def phases_step(source: Path) -> dict:
+    """A local add's phases, from its progress callback: hashing, reading + embedding, the write."""
+    index = WORK / "mt-phases"
+    shutil.rmtree(index, ignore_errors=True)
+    out = subprocess.run([sys.executable, "-c", PHASES, str(index), str(source)], check=True, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in json.loads(out.splitlines()[-1]).items()}
+
+
+THREADS = """
+import glob, json, sys, time
+from simsearch.engine import Engine
+from simsearch.images import file_sha256
+from simsearch.ingest import WorkItem, embed_items
+files = sorted(glob.glob(sys.argv[2] + "/*"))[:150]
+items = [WorkItem(f, file_sha256(f), True) for f in files]
+with Engine.open(sys.argv[1]) as engine:
+    embedder = engine.embedder
+    start = time.perf_counter()
+    n = sum(1 for _ in embed_items(embedder, items))
+    print(json.dumps({"runtime": embedder.runtime, "images": n, "images_per_s": n / (time.perf_counter() - start)}))
+"""
+
+
+def threads_step(index: Path, source: Path) -> dict:
+    """In one process, `ingest.embed_items` (what a local add and each actor run) on 150 images with the
+    model on 2 threads, then on 1 (SIMSEARCH_THREADS), alternated twice."""
+    out = {}
+    for round_ in (1, 2):
+        for threads in ("2", "1"):
+            run = subprocess.run([sys.executable, "-c", THREADS, str(index), str(source)], check=True,
+                                 capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT), "SIMSEARCH_THREADS": threads})
+            result = json.loads(run.stdout.splitlines()[-1])
+            out[f"threads{threads}-round{round_}"] = round(result["images_per_s"], 2)
+            out["runtime"] = result["runtime"]
+    return out
+
+
 def eval_step(ray: bool) -> dict:
     args = ["eval", str(PIPED), "--category", "PA_BDP01_TL", "--category", "PA_BRG03_TL", "--json"]
     if ray:
@@ -159,6 +217,8 @@ def steps() -> dict:
         "mt-ray1": lambda: add_step("mt-ray1", MT / "train" / "good", 1),
         "mt-ray2": lambda: add_step("mt-ray2", MT / "train" / "good", 2),
         "mt-compare": lambda: compare_step("mt", mt_test),
+        "mt-phases": lambda: phases_step(MT / "train" / "good"),
+        "embed-threads": lambda: threads_step(WORK / "mt-local", MT / "train" / "good"),
     }
 
 
@@ -179,7 +239,7 @@ def main() -> None:
         if args.steps and name not in args.steps:
             continue
         if args.round > 1:
-            if name.endswith(("compare",)) or name.startswith("eval"):
+            if name.endswith(("compare", "phases", "threads")) or name.startswith("eval"):
                 continue
             source = {"piped": CATEGORY, "mt": MT}[name.split("-")[0]] / "train" / "good"
             actors = {"local": None, "ray1": 1, "ray2": 2}[name.split("-")[1]]
