@@ -144,6 +144,11 @@ def index_add(
     index_kind: IndexKindOpt = None,
     nprobe: NprobeOpt = None,
     recalibrate: RecalibrateFlag = True,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Embed on a Ray cluster: 'local' (this machine's "
+                                                             "cores) or its address (ray://HOST:10001). Needs "
+                                                             "simsearch[ray]; workers read the same paths.")] = None,
+    ray_actors: Annotated[Optional[int], typer.Option(help="With --ray: embedding actors (default: one per CPU "
+                                                          "of the largest node).")] = None,
     as_json: JsonFlag = False,
 ):
     """Add good images to the bank (creates the index on first use)."""
@@ -157,7 +162,12 @@ def index_add(
     try:
         with user_errors():
             with Engine.open_or_create(index, **options) as engine, staged_progress() as update:
-                report = engine.add(paths, holdout=holdout, coreset=coreset, progress=update, recalibrate=recalibrate)
+                embedding = None
+                if ray is not None:
+                    from .distributed.ray_ingest import RayEmbedding
+                    embedding = RayEmbedding.for_index(engine, ray, ray_actors)
+                report = engine.add(paths, holdout=holdout, coreset=coreset, progress=update, recalibrate=recalibrate,
+                                    embedding=embedding)
     except typer.Exit:
         if not index_existed:  # a first add that failed leaves no empty index behind
             Engine.discard_new(index, remove_directory=not dir_existed)
@@ -537,6 +547,8 @@ def eval_command(
     workdir: Annotated[Optional[Path], typer.Option(help="Where the temporary indexes go.")] = None,
     finetune: Annotated[bool, typer.Option("--finetune", help="Fine-tune a head on each category's train/good "
                                                              "(never on test images) and evaluate with it.")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Run the categories as Ray tasks: 'local' or a "
+                                                             "cluster address (needs simsearch[ray]).")] = None,
     finetune_loss: Annotated[str, typer.Option(help="With --finetune: triplet or softmax.")] = "triplet",
     finetune_steps: Annotated[int, typer.Option(help="With --finetune: training steps.")] = 200,
     finetune_seed: Annotated[int, typer.Option(help="With --finetune: random seed.")] = 0,
@@ -571,12 +583,21 @@ def eval_command(
         if unknown:
             raise BadInput(f"no such categories in {dataset}: {unknown}; found {names}")
         names = [n for n in names if not category or n in category]
-        for position, name in enumerate(names, 1):
-            cat = load_category(dataset, name)
-            err.print(f"[{position}/{len(names)}] {name}: {len(cat.train)} train, {len(cat.test)} test images")
-            with staged_progress(f"{name} ") as update:
-                result = evaluate_category(cat, method=method, settings=settings, folds=folds, target_fpr=target_fpr,
-                                           workdir=workdir, progress=update, finetune=tuning, coreset=coreset)
+
+        def evaluated():
+            if ray is not None:  # every category at once, as Ray tasks; the results come back in order
+                from .distributed.ray_eval import evaluate_on_ray
+                yield from evaluate_on_ray(ray, [load_category(dataset, n) for n in names], method=method,
+                                           settings=settings, folds=folds, target_fpr=target_fpr, workdir=workdir,
+                                           finetune=tuning, coreset=coreset)
+                return
+            for position, name in enumerate(names, 1):
+                cat = load_category(dataset, name)
+                err.print(f"[{position}/{len(names)}] {name}: {len(cat.train)} train, {len(cat.test)} test images")
+                with staged_progress(f"{name} ") as update:
+                    yield evaluate_category(cat, method=method, settings=settings, folds=folds, target_fpr=target_fpr,
+                                            workdir=workdir, progress=update, finetune=tuning, coreset=coreset)
+        for result in evaluated():
             results.append(result)
             if as_json:
                 emit_json(result.to_dict())

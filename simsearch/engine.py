@@ -220,7 +220,7 @@ class Engine:
 
     # -- writing ------------------------------------------------------------------------------
     def add(self, inputs: Iterable[str | os.PathLike], *, holdout: float = 0.0, coreset: float | None = None,
-            progress: Progress | None = None, recalibrate: bool = True) -> AddReport:
+            progress: Progress | None = None, recalibrate: bool = True, embedding=None) -> AddReport:
         """Add good images (files, folders, globs) to the bank.
 
         `holdout`: a deterministic fraction of the new images (the smallest sha256 values) is kept out of the
@@ -229,8 +229,11 @@ class Engine:
         (nothing is written); unreadable files found inside folders are skipped and reported.
         `recalibrate`: measure the latest calibration again on the new bank, in the same commit (see
         calibrator.py; the report's `calibration` says why not, when it could not).
+        `embedding`: where the images are read and embedded (ingest.ImageEmbedding; default this process,
+        or simsearch/distributed/ray_ingest.py's RayEmbedding on a Ray cluster).
         """
-        return self.ingest.add(inputs, holdout=holdout, coreset=coreset, progress=progress, recalibrate=recalibrate)
+        return self.ingest.add(inputs, holdout=holdout, coreset=coreset, progress=progress, recalibrate=recalibrate,
+                               embedding=embedding)
 
     def remove(self, refs: Iterable[str], *, recalibrate: bool = True) -> dict:
         """Remove images by path or sha256 (prefix of >= 8 hex digits): their vectors and rows go together."""

@@ -13,7 +13,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -60,6 +60,85 @@ def pooled_vector(grid) -> np.ndarray:
     return (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class WorkItem:
+    """A file an add reads: `embed` False for a held-out image (read and decoded for its size only)."""
+
+    path: str
+    sha256: str  # what the file hashed to when the add began; a file that changed since is refused
+    embed: bool
+
+
+@dataclass
+class EmbeddedImage:
+    """What an add keeps of one read image: its size and, when it was embedded, its vectors and layout."""
+
+    width: int
+    height: int
+    vectors: np.ndarray | None = None  # (n, D) float32 patch vectors, in cell order
+    boxes: list[tuple[int, int, int, int]] | None = None  # tile boxes in original pixels
+    table: np.ndarray | None = None  # (n, 5) int64 [tile, row, col, x, y] per vector
+    pooled: np.ndarray | None = None  # (D,) float32 unit-length mean of its vectors
+
+    @classmethod
+    def of_grid(cls, grid) -> "EmbeddedImage":
+        boxes, table = cell_rows(grid)
+        h, w = grid.original_size
+        return cls(int(w), int(h), grid.features.reshape(-1, grid.features.shape[-1]), boxes, table,
+                   pooled_vector(grid))
+
+
+# The embedding step of an add, as a seam: work items -> (item, EmbeddedImage or the exception that
+# reading it raised), one per item and in their order. `LocalEmbedding` runs it in this process;
+# simsearch/distributed/ray_ingest.py fans it out to a Ray cluster.
+ImageEmbedding = Callable[[list[WorkItem]], Iterable[tuple[WorkItem, "EmbeddedImage | Exception"]]]
+
+
+def read_image(item: WorkItem) -> np.ndarray:
+    """The (H, W, 3) uint8 RGB image of a work item; ImageError if it cannot be read or has changed."""
+    data = read_bytes(item.path)  # regular files only: a FIFO swapped in since hashing is refused
+    if hashlib.sha256(data).hexdigest() != item.sha256:
+        raise ImageError(f"{item.path}: changed while being added")
+    return decode(data, item.path)
+
+
+def embed_items(embedder, items: Iterable[WorkItem], depth: int = 4) -> Iterator[tuple[WorkItem, "EmbeddedImage | Exception"]]:
+    """Read `items` a few ahead (`depth`), embed those to embed in batches across images
+    (`embedder.embed_many`), and yield (item, EmbeddedImage or exception) in the items' order."""
+    queue: deque[list] = deque()  # [item, result]; result None while its grid is being computed
+    waiting: deque[list] = deque()  # the entries of `queue` handed to the embedder, oldest first
+
+    def images():
+        for item, rgb, error in read_ahead(items, read_image, depth):
+            entry = [item, error]
+            queue.append(entry)
+            if error is None and not item.embed:
+                entry[1] = EmbeddedImage(int(rgb.shape[1]), int(rgb.shape[0]))
+            elif error is None:
+                waiting.append(entry)
+                yield Image(rgb=rgb, sha256=item.sha256, source=item.path)
+
+    def ready():
+        while queue and queue[0][1] is not None:
+            item, result = queue.popleft()
+            yield item, result
+
+    for grid in embedder.embed_many(images()):
+        waiting.popleft()[1] = EmbeddedImage.of_grid(grid)
+        yield from ready()
+    yield from ready()
+
+
+class LocalEmbedding:
+    """The embedding step in this process, with the index's embedder."""
+
+    def __init__(self, embedder):
+        self.embedder = embedder
+
+    def __call__(self, items: list[WorkItem]) -> Iterator[tuple[WorkItem, "EmbeddedImage | Exception"]]:
+        return embed_items(self.embedder, items)
+
+
 def grown(txn: BankTransaction, blocks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], n_more: int,
           index_kind: str, nprobe: int | None, kind_policy: Callable[[str, int], str] = choose_kind) -> None:
     """Add the (vectors, ids) blocks of `blocks()` (`n_more` vectors) to the transaction's patch bank,
@@ -88,7 +167,11 @@ class Ingest:
         self.kind_policy = choose_kind
 
     def add(self, inputs: Iterable[str | os.PathLike], *, holdout: float = 0.0, coreset: float | None = None,
-            progress: Progress | None = None, recalibrate: bool = True) -> AddReport:
+            progress: Progress | None = None, recalibrate: bool = True,
+            embedding: "ImageEmbedding | None" = None) -> AddReport:
+        """`embedding`: what reads and embeds the new images (default: `LocalEmbedding` of the index's
+        embedder, in this process); everything else, the write and its recalibration above all, is the same
+        whichever it is."""
         from .coreset import sampler_for
 
         if not 0 <= holdout < 1:
@@ -113,7 +196,8 @@ class Ingest:
             todo = [(hashed[sha], sha) for sha in sorted(hashed, key=lambda s: hashed[s])]
             with self.index.folder.spool_folder() as tmp, \
                     VectorSpool(tmp / "vectors.f32", self.index.config.feature_dim) as spool:
-                new_refs, new_held = self._embed_new(todo, held, explicit, report, spool, progress)
+                new_refs, new_held = self._embed_new(todo, held, explicit, report, spool, progress,
+                                                     embedding or LocalEmbedding(self.index.embedder))
                 if progress:
                     progress("writing", len(todo), len(todo))
                 report.vectors_added, report.generation, report.calibration = self._write(
@@ -141,44 +225,31 @@ class Ingest:
         return hashed
 
     def _embed_new(self, todo: list[tuple[str, str]], held: set[str], explicit: set[str], report: AddReport,
-                   spool: VectorSpool, progress: Progress | None) -> tuple[list[NewReference], list[dict]]:
-        """Decode `todo` ((path, sha256) pairs) a few images ahead, embed the references in batches across
-        images and append their vectors to `spool`. Returns the references' catalog data (in spool order)
+                   spool: VectorSpool, progress: Progress | None,
+                   embedding: "ImageEmbedding") -> tuple[list[NewReference], list[dict]]:
+        """Read and embed `todo` ((path, sha256) pairs) through `embedding` (the held-out ones only read) and
+        append the references' vectors to `spool`. Returns the references' catalog data (in spool order)
         and the held-out images' rows. Unreadable files named explicitly raise; others are skipped."""
         new_refs: list[NewReference] = []
         new_held: list[dict] = []
-        rows: deque[dict] = deque()  # references handed to the embedder, not yet embedded
-
-        def read(item: tuple[str, str]) -> np.ndarray:
-            path, sha = item
-            data = read_bytes(path)  # regular files only: a FIFO swapped in since hashing is refused
-            if hashlib.sha256(data).hexdigest() != sha:
-                raise ImageError(f"{path}: changed while being added")
-            return decode(data, path)
-
-        def references():
-            for i, ((path, sha), rgb, error) in enumerate(read_ahead(todo, read)):
-                if progress:
-                    progress("embedding", i, len(todo))
-                if error is not None:
-                    if not isinstance(error, ImageError) or os.path.abspath(path) in explicit:
-                        raise error
-                    report.skipped.append((path, str(error).split(": ", 1)[-1]))
-                    continue
-                row = dict(path=os.path.abspath(path), sha256=sha, width=int(rgb.shape[1]), height=int(rgb.shape[0]),
-                           added_at=time.time())
-                if sha in held:
-                    new_held.append(row)
-                    report.held_out.append(path)
-                    continue
-                rows.append(row)
-                report.added.append(path)
-                yield Image(rgb=rgb, sha256=sha, source=path)
-
-        for grid in self.index.embedder.embed_many(references()):
-            boxes, table = cell_rows(grid)
-            spool.append(grid.features.reshape(-1, grid.features.shape[-1]))
-            new_refs.append(NewReference(rows.popleft(), boxes, table, pooled_vector(grid)))
+        work = [WorkItem(path, sha, sha not in held) for path, sha in todo]
+        for i, (item, result) in enumerate(embedding(work)):
+            if progress:
+                progress("embedding", i, len(todo))
+            if isinstance(result, BaseException):
+                if not isinstance(result, ImageError) or os.path.abspath(item.path) in explicit:
+                    raise result
+                report.skipped.append((item.path, str(result).split(": ", 1)[-1]))
+                continue
+            row = dict(path=os.path.abspath(item.path), sha256=item.sha256, width=result.width,
+                       height=result.height, added_at=time.time())
+            if not item.embed:
+                new_held.append(row)
+                report.held_out.append(item.path)
+                continue
+            spool.append(result.vectors)
+            new_refs.append(NewReference(row, result.boxes, result.table, result.pooled))
+            report.added.append(item.path)
         return new_refs, new_held
 
     def _write(self, new_refs: list[NewReference], new_held: list[dict], spool: VectorSpool,
