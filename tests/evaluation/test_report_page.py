@@ -7,12 +7,12 @@ from __future__ import annotations
 import csv
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from browser import headless_chromium, needs_chromium
 from realdata import needs_piped, tiny_category
 from simsearch.evaluation import metrics
 from simsearch.evaluation.datasets import load_category
@@ -20,8 +20,6 @@ from simsearch.evaluation.report_page import write_eval_report
 from simsearch.evaluation.runner import evaluate_category, mean_row, per_defect_metrics
 
 pytestmark = needs_piped
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +88,12 @@ def test_report_html_is_self_contained_and_names_files_that_exist(evaluated):
     assert "spot" in page and "impurity" in page and "FN " in page
 
 
-@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver")
+@needs_chromium
 def test_every_image_of_report_html_loads_in_headless_chromium(evaluated, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.support.ui import WebDriverWait
 
     _, directory = evaluated
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1400"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = headless_chromium(1280, 1400)
     try:
         driver.get((Path(directory) / "report.html").resolve().as_uri())
         all_done = "return [...document.images].every(i => i.complete)"

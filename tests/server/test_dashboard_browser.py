@@ -15,12 +15,10 @@ import urllib.request
 
 import pytest
 
+from browser import headless_chromium, needs_chromium
 from realdata import needs_piped, piped_test
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = [needs_piped, pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
-                                              reason="needs Debian's chromium and chromium-driver (see .ci/run)")]
+pytestmark = [needs_piped, needs_chromium]
 
 
 def free_port() -> int:
@@ -57,15 +55,7 @@ def server(writable_index, tmp_path):
 
 @pytest.fixture
 def browser():
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,1120"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = headless_chromium(1280, 1120)
     yield driver
     driver.quit()
 
