@@ -11,7 +11,7 @@ Steps (cached in bench/.cache/live_line/<step>.json; --force runs a cached step 
   tenth held out. Two good images added with the recalibration, two without: seconds per add, and the
   difference (what recalibrating costs).
 - drift: per dev set with enough good images (Magnetic Tile: a fifth of train/good as the bank, 200 other
-  train/good and 95 test/good images scored; the tire: half as the bank, every other good image scored); then 2,000 draws of a calibration set of N of the other train/good scores and a
+  train/good and 100 test/good images scored; the tire: half as the bank, every other good image scored); then 2,000 draws of a calibration set of N of the other train/good scores and a
   window of n of the rest (all good, exchangeable): how often the drift test (drift.py, beta-binomial) flags
   the window at its level, against a plain binomial test with p = k / (N + 1). And the same calibration
   draws against test/good windows (other captures), for information.
