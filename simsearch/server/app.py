@@ -410,7 +410,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         return await run_in_threadpool(registry.get(name).remove, sha256, recalibrate)
 
     @api.post("/v1/indexes/{name}/calibrate", tags=["index"], dependencies=write,
-              responses=errors(401, 403, 404, 409, 422, 503))
+              responses=errors(400, 401, 403, 404, 409, 422, 503))
     async def calibrate_index(name: IndexName,
                               request: Annotated[Optional[CalibrateRequest], Body()] = None) -> dict[str, Any]:
         """New thresholds from the index's stored good images outside the bank (held out, or given before)."""
