@@ -77,15 +77,18 @@ def test_dashboard_shows_verdict_heatmap_and_reference_patches(server, browser, 
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figure")) == 2)
     defect = piped_test("impurity")[0]
     browser.find_element(By.ID, "file-input").send_keys(str(defect))
+    # The first pick holds a defect too: wait for the defect's own record, not the earlier one's verdict.
+    wait.until(ec.text_to_be_present_in_element((By.ID, "image-name"), defect.name))
     wait.until(ec.text_to_be_present_in_element((By.ID, "verdict"), "ANOMALOUS"))
     assert "against threshold" in browser.find_element(By.ID, "score-text").text
     heatmap_loaded = "const i = document.getElementById('heatmap'); return i.complete && i.naturalWidth"
     wait.until(lambda d: d.execute_script(heatmap_loaded))
     assert browser.execute_script(heatmap_loaded) == 128
     assert browser.execute_script("return document.getElementById('heatmap').src").startswith("blob:")
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#regions li.region img.reference"))
-    references = browser.find_elements(By.CSS_SELECTOR, "#regions li.region img.reference")
-    wait.until(lambda d: all(d.execute_script("return arguments[0].naturalWidth", r) > 0 for r in references))
+    # Queried afresh on each poll: the dashboard may redraw the region list (a stale handle would fail).
+    references_loaded = ("const r = document.querySelectorAll('#regions li.region img.reference');"
+                         " return r.length > 0 && Array.from(r).every(i => i.complete && i.naturalWidth > 0)")
+    wait.until(lambda d: d.execute_script(references_loaded))
     assert browser.find_elements(By.CSS_SELECTOR, "#regions li.region canvas")  # the query's side of the pair
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figure")) == 3)
     assert defect.name in browser.find_element(By.CSS_SELECTOR, "#gallery figure").text  # newest first
