@@ -76,12 +76,13 @@ def embed_dataset(name: str, engine) -> dict:
 
 
 def limits_for(train: dict):
-    """applicability limits fitted on one category's train images, as `calibrate --folds 5` fits them."""
+    """applicability limits fitted on one category's train images, as `calibrate --folds 5 --fold-order
+    interleaved` fits them (the order these figures were measured with)."""
     from simsearch.applicability import fit_limits, nearest_distances
     from simsearch.calibrator import fold_of
 
     pooled = train["pooled"]
-    fold = fold_of(len(pooled), FOLDS)
+    fold = fold_of(range(len(pooled)), FOLDS, "interleaved")
     distances = np.zeros(len(pooled))
     for f in range(FOLDS):
         distances[fold == f] = nearest_distances(pooled[fold == f], pooled[fold != f])

@@ -18,6 +18,7 @@ false alarms), and a remove leaves the index uncalibrated (scores can rise).
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Iterable
@@ -44,11 +45,44 @@ class GoodMeasure:
     level: float  # region level of its map (see scoring.region_level)
     pooled_distance: float  # its pooled vector's L2 distance to the nearest reference image
     stats: dict  # applicability.image_stats
+    fold: int | None = None  # with folds of the bank: the fold it was scored in
 
 
-def fold_of(n: int, folds: int) -> np.ndarray:
-    """(n,) fold number of each of n images, in their stored order (every folds-th image in one fold)."""
-    return np.arange(n) % folds
+FOLD_ORDERS = ("capture", "interleaved")
+
+
+def capture_key(path: str) -> list:
+    """Sort key of a file path in capture order: its digit runs compared as numbers ("part_9" < "part_10"),
+    since cameras and line software name images by date, batch and counter."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def fold_of(paths: list, folds: int, order: str = "capture") -> np.ndarray:
+    """(n,) fold number of each of the n image paths.
+
+    "capture": contiguous runs in capture order (capture_key), so a fold is mostly one batch and is scored
+    against a bank without its batch, as a new batch's good parts will be; "interleaved": every folds-th
+    image in the given order (neighbours of one batch spread over all folds, which hides batch shift)."""
+    n = len(paths)
+    if order == "interleaved":
+        return np.arange(n) % folds
+    if order != "capture":
+        raise BadInput(f"fold order must be one of {', '.join(FOLD_ORDERS)}, got {order!r}")
+    ranked = sorted(range(n), key=lambda i: capture_key(paths[i]))
+    fold = np.empty(n, np.int64)
+    fold[ranked] = np.arange(n) * folds // max(n, 1)  # n // folds images per fold, the rest spread evenly
+    return fold
+
+
+def fold_spread(scores: np.ndarray, fold: np.ndarray, threshold: float, target_fpr: float) -> dict:
+    """How much the folds disagree: (n,) good scores and (n,) fold numbers -> per fold, the threshold its own
+    scores would give at target_fpr and the share of its scores above the calibrated `threshold`."""
+    thresholds, false_alarms = [], []
+    for f in np.unique(fold):
+        own = np.asarray(scores)[fold == f]
+        thresholds.append(float(threshold_for_fpr(own, target_fpr).threshold))
+        false_alarms.append(float(np.mean(own > threshold)))
+    return {"thresholds": thresholds, "false_alarms": false_alarms}
 
 
 class Calibrator:
@@ -114,9 +148,9 @@ class Calibrator:
         return measures
 
     def _fold_measures(self, view: BankView, folds: int, area: int, progress: Progress | None,
-                       conn=None) -> list[GoodMeasure]:
-        """Every bank image scored against the bank without its fold (re-embedded from its file, all patches).
-        `conn`: a writer's transaction, whose rows `view` holds."""
+                       conn=None, order: str = "capture") -> list[GoodMeasure]:
+        """Every bank image scored against the bank without its fold (re-embedded from its file, all patches);
+        folds in `order` (see fold_of). `conn`: a writer's transaction, whose rows `view` holds."""
         catalog = self.index.catalog
         refs = catalog.images("reference", conn)
         if len(refs) < 2:
@@ -124,7 +158,7 @@ class Calibrator:
         folds = max(2, min(int(folds), len(refs)))
         owners = catalog.vector_owners(conn)
         pooled_ids, pooled = view.images.all_vectors()
-        fold = fold_of(len(refs), folds)
+        fold = fold_of([r["path"] for r in refs], folds, order)
         measures = []
         for f in range(folds):
             members = [refs[i] for i in np.flatnonzero(fold == f)]
@@ -139,6 +173,7 @@ class Calibrator:
                 if img.sha256 != row["sha256"]:
                     raise ImageError(f"{row['path']}: changed since it was added to the bank; cannot score it")
                 measures.append(self._measure(img, bank, others, area))
+                measures[-1].fold = f
         if progress:
             progress("scoring folds", len(refs), len(refs))
         return measures
@@ -171,11 +206,13 @@ class Calibrator:
     # -- calibrating --------------------------------------------------------------------------------------
     def calibrate(self, good: Iterable[str] | None = None, *, folds: int | None = None, target_fpr: float = 0.01,
                   defects: Iterable[str] | None = None, min_region_area: int | None = None,
-                  progress: Progress | None = None) -> Calibration:
+                  progress: Progress | None = None, fold_order: str = "capture") -> Calibration:
         """Thresholds from good images outside the bank (default: the calibration images), or from folds of
-        the bank (`folds`); see the module docstring and calibration.py."""
+        the bank (`folds`, in `fold_order`: see fold_of); see the module docstring and calibration.py."""
         if not 0 < target_fpr < 1:
             raise BadInput(f"target false-positive rate must be in (0, 1), got {target_fpr}")
+        if fold_order not in FOLD_ORDERS:
+            raise BadInput(f"fold order must be one of {', '.join(FOLD_ORDERS)}, got {fold_order!r}")
         if folds is not None and (good or folds < 2):
             raise BadInput("--folds takes no good images (it scores the bank's own) and needs K >= 2"
                            if good else f"--folds must be >= 2, got {folds}")
@@ -196,7 +233,8 @@ class Calibrator:
             raise IndexNotReady("the index has no reference images yet (run `simsearch index add`)")
         new_rows: dict = {}
         if folds is not None:
-            measures, source = self._fold_measures(view, folds, area, progress), {"kind": FOLDS, "folds": folds}
+            measures = self._fold_measures(view, folds, area, progress, order=fold_order)
+            source = {"kind": FOLDS, "folds": folds, "order": fold_order}
         else:
             measures = self._held_measures(good_files, view, area, progress, new_rows)
             source = {"kind": HOLDOUT}
@@ -222,9 +260,13 @@ class Calibrator:
         if defect_scores:
             f1_t, f1 = f1_best_threshold(np.asarray(good_scores), np.asarray(defect_scores))
         method = image_choice.describe("image") + "; " + pixel_choice.describe(f"pixel (regions of >= {area} px)")
+        spread = None
         if source["kind"] == FOLDS:
-            method += (f"; good scores from {source['folds']} folds of the bank, each against the bank without it "
-                       "(a smaller bank: false alarms at or below that rate)")
+            order = source.get("order", "interleaved")
+            method += (f"; good scores from {source['folds']} folds of the bank ({order} order), each against the "
+                       "bank without it (a smaller bank: false alarms at or below that rate)")
+            spread = fold_spread(np.asarray(good_scores), np.asarray([m.fold for m in measures]),
+                                 image_choice.threshold, target_fpr)
         limits = applicability.fit_limits([m.stats for m in measures], [m.pooled_distance for m in measures])
         return dict(generation=generation, target_fpr=target_fpr, image_threshold=image_choice.threshold,
                     pixel_threshold=pixel_choice.threshold, min_region_area=area, f1_threshold=f1_t,
@@ -232,7 +274,8 @@ class Calibrator:
                     details={"good_scores": good_scores, "defect_scores": defect_scores, "region_levels": levels,
                              "expected_fpr": image_choice.expected_fpr, "k": image_choice.k,
                              "target_met": image_choice.target_met, "f1": f1, "source": source,
-                             "applicability": limits})
+                             "applicability": limits, "fold_spread": spread,
+                             "good_folds": [m.fold for m in measures]})
 
     @staticmethod
     def _record(cal_id: int, values: dict) -> Calibration:
@@ -241,7 +284,7 @@ class Calibrator:
                            target_fpr=values["target_fpr"], expected_fpr=values["details"]["expected_fpr"],
                            n_good=values["n_good"], n_defect=values["n_defect"], method=values["method"],
                            f1_threshold=values["f1_threshold"], f1=values["details"]["f1"],
-                           generation=values["generation"])
+                           generation=values["generation"], fold_spread=values["details"]["fold_spread"])
 
     # -- after a write ------------------------------------------------------------------------------------
     def after_write(self, txn, change: str, recalibrate: bool) -> str | None:
@@ -278,7 +321,9 @@ class Calibrator:
         source = latest["details"].get("source", {"kind": HOLDOUT})
         area, target = int(latest["min_region_area"]), float(latest["target_fpr"])
         if source["kind"] == FOLDS:
-            measures = self._fold_measures(view, int(source["folds"]), area, None, conn)
+            # Calibrations from before fold orders existed used interleaved folds.
+            measures = self._fold_measures(view, int(source["folds"]), area, None, conn,
+                                           source.get("order", "interleaved"))
         else:
             held = self.index.catalog.images("calibration", conn)
             if not held:

@@ -38,6 +38,8 @@ out = Console(soft_wrap=True, markup=False, emoji=False, highlight=False)
 
 IndexDir = Annotated[Path, typer.Option("--index", envvar="SIMSEARCH_INDEX", help="Index directory.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+FoldOrder = Annotated[str, typer.Option(help="With folds: 'capture' (contiguous runs in file-name order, so a fold "
+                                             "is mostly one batch) or 'interleaved' (every K-th image).")]
 RecalibrateFlag = Annotated[bool, typer.Option(help="Measure the calibration again on the new bank, in the same "
                                                     "commit (when the index is calibrated).")]
 # Embedder options shared by `index add` (fixed at creation) and `eval` (for its fresh indexes).
@@ -283,6 +285,7 @@ def calibrate(
     index: IndexDir = Path("index"),
     folds: Annotated[Optional[int], typer.Option(help="Calibrate on the bank itself: each of K folds of its images "
                                                       "scored against the bank without them.")] = None,
+    fold_order: FoldOrder = "capture",
     target_fpr: Annotated[float, typer.Option(help="Target false-positive rate on good parts.")] = 0.01,
     defects: Annotated[Optional[list[str]], typer.Option(help="Labelled defective images (F1 threshold).")] = None,
     min_region_area: Annotated[Optional[int], typer.Option(help="Smallest region in pixels.")] = None,
@@ -295,7 +298,7 @@ def calibrate(
     with user_errors():
         with Engine.open(index) as engine, staged_progress() as update:
             cal = engine.calibrate(good or None, folds=folds, target_fpr=target_fpr, defects=defects or None,
-                                   min_region_area=min_region_area, progress=update)
+                                   min_region_area=min_region_area, progress=update, fold_order=fold_order)
     if as_json:
         emit_json(vars(cal))
         return
@@ -303,6 +306,11 @@ def calibrate(
     out.print(f"  image threshold {cal.image_threshold:.4f}  pixel threshold {cal.pixel_threshold:.4f}  "
               f"min region {cal.min_region_area} px")
     out.print(f"  {cal.method}")
+    if cal.fold_spread:
+        spread = cal.fold_spread
+        out.print(f"  per fold: thresholds {min(spread['thresholds']):.4f} to {max(spread['thresholds']):.4f}, "
+                  f"good images above the threshold {100 * min(spread['false_alarms']):.1f}% to "
+                  f"{100 * max(spread['false_alarms']):.1f}%")
     if cal.f1_threshold is not None:
         out.print(f"  F1-best threshold on {cal.n_defect} defective + {cal.n_good} good images: "
                   f"{cal.f1_threshold:.4f} (F1 {cal.f1:.3f}); verdicts use the target-rate threshold")
@@ -533,6 +541,7 @@ def eval_command(
     method: Annotated[str, typer.Option(help="patchcore (the engine), histogram-iforest, pooled-ocsvm "
                                              "or autoencoder.")] = "patchcore",
     folds: Annotated[int, typer.Option(help="Folds for the threshold from train/good.")] = 5,
+    fold_order: FoldOrder = "capture",
     target_fpr: Annotated[float, typer.Option(help="Target false-positive rate for the threshold.")] = 0.01,
     report: Annotated[Optional[Path], typer.Option(help="Write report.html (plots, per-defect rows, worst-case "
                                                         "overlays), report.md and images.csv here.")] = None,
@@ -563,8 +572,11 @@ def eval_command(
     from .evaluation.report_page import write_eval_report
     from .report import eval_table_rows, markdown_table
 
+    from .calibrator import FOLD_ORDERS
     if method not in METHODS:
         fail(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if fold_order not in FOLD_ORDERS:
+        fail(f"--fold-order must be one of {', '.join(FOLD_ORDERS)}, got {fold_order!r}")
     tuning = None
     if finetune:
         if method != "patchcore":
@@ -589,14 +601,15 @@ def eval_command(
                 from .distributed.ray_eval import evaluate_on_ray
                 yield from evaluate_on_ray(ray, [load_category(dataset, n) for n in names], method=method,
                                            settings=settings, folds=folds, target_fpr=target_fpr, workdir=workdir,
-                                           finetune=tuning, coreset=coreset)
+                                           finetune=tuning, coreset=coreset, fold_order=fold_order)
                 return
             for position, name in enumerate(names, 1):
                 cat = load_category(dataset, name)
                 err.print(f"[{position}/{len(names)}] {name}: {len(cat.train)} train, {len(cat.test)} test images")
                 with staged_progress(f"{name} ") as update:
                     yield evaluate_category(cat, method=method, settings=settings, folds=folds, target_fpr=target_fpr,
-                                            workdir=workdir, progress=update, finetune=tuning, coreset=coreset)
+                                            workdir=workdir, progress=update, finetune=tuning, coreset=coreset,
+                                            fold_order=fold_order)
         for result in evaluated():
             results.append(result)
             if as_json:

@@ -260,11 +260,12 @@ class Engine:
     # -- calibration --------------------------------------------------------------------------
     def calibrate(self, good: Iterable[str] | None = None, *, folds: int | None = None, target_fpr: float = 0.01,
                   defects: Iterable[str] | None = None, min_region_area: int | None = None,
-                  progress: Progress | None = None) -> Calibration:
+                  progress: Progress | None = None, fold_order: str = "capture") -> Calibration:
         """Thresholds from good images outside the bank (default: the calibration images), or from `folds`
-        folds of the bank itself; see calibrator.py and calibration.py."""
+        folds of the bank itself, in `fold_order` ("capture" or "interleaved"); see calibrator.py."""
         return self.calibrations.calibrate(good, folds=folds, target_fpr=target_fpr, defects=defects,
-                                           min_region_area=min_region_area, progress=progress)
+                                           min_region_area=min_region_area, progress=progress,
+                                           fold_order=fold_order)
 
     def current_calibration(self) -> tuple[dict | None, str | None]:
         """(the calibration verdicts use, or None; a warning if there is none, or it predates adds since)."""

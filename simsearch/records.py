@@ -86,6 +86,9 @@ class Calibration:
     f1_threshold: float | None = None
     f1: float | None = None
     generation: int = 0
+    # With folds of the bank: per fold, the threshold its own scores give and its share above this threshold
+    # (calibrator.fold_spread); a wide spread means batches differ and the promise is fragile.
+    fold_spread: dict | None = None
 
 
 # -- the JSON record: keys and units as the README documents them ----------------------------------------

@@ -120,7 +120,8 @@ def test_folds_calibrate_an_index_built_without_a_holdout_and_recalibrate_after_
     assert engine.query(texture(301, defect=True)).is_anomalous is True
     engine.add(write_images(tmp_path / "more", [50]))
     latest = engine.latest_calibration()
-    assert latest["details"]["source"] == {"kind": "folds", "folds": 4} and latest["n_good"] == 13
+    assert latest["details"]["source"] == {"kind": "folds", "folds": 4, "order": "capture"}
+    assert latest["n_good"] == 13 and sorted(set(latest["details"]["good_folds"])) == [0, 1, 2, 3]
     assert latest["generation"] == engine.generation
     engine.close()
 

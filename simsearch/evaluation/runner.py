@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from ..calibration import threshold_for_fpr
+from ..calibrator import fold_of as folds_in_order, fold_spread
 from ..engine import Engine
 from ..errors import BadInput
 from ..finetune import FinetuneSettings, finetune_files
@@ -57,6 +58,8 @@ class CategoryResult:
     fpr_good: float | None  # on test/good at the calibrated threshold
     target_fpr: float
     expected_fpr: float  # what the threshold rule promises with this many cross-scores
+    fold_order: str = "capture"  # how train/good was cut into the threshold's folds
+    fold_spread: dict | None = None  # per fold: its own threshold, its share above the threshold (fold_spread)
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
     # With fine-tuning: the head's training (loss, steps, seed, final loss...); None for the frozen embedder.
@@ -95,7 +98,7 @@ def _score_tests(category: Category, score: Callable, progress: Progress | None)
 
 def _run_patchcore(category: Category, settings: dict, folds: int, workdir, progress, seconds: dict,
                    finetune: FinetuneSettings | None = None, trained: dict | None = None,
-                   coreset: float | None = None):
+                   coreset: float | None = None, fold_order: str = "capture"):
     with tempfile.TemporaryDirectory(prefix=f"simsearch-eval-{category.name}-", dir=workdir) as tmp:
         head = None
         if finetune is not None:  # the head learns from train/good only, never from a test image
@@ -117,9 +120,11 @@ def _run_patchcore(category: Category, settings: dict, folds: int, workdir, prog
         # `simsearch calibrate --folds`: every train image re-embedded and scored on all its patches against the
         # bank without its fold; its map gives the pixel threshold too. The queries below then carry its regions.
         engine.record_queries = False
-        engine.calibrate(folds=folds, progress=(lambda _stage, d, t: progress("threshold", d, t)) if progress else None)
+        engine.calibrate(folds=folds, fold_order=fold_order,
+                         progress=(lambda _stage, d, t: progress("threshold", d, t)) if progress else None)
         measured = engine.latest_calibration()
         train_scores = np.asarray(measured["details"]["good_scores"])
+        train_folds = np.asarray(measured["details"]["good_folds"])
         levels, area = np.asarray(measured["details"]["region_levels"]), int(measured["min_region_area"])
         seconds["threshold"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -130,39 +135,40 @@ def _run_patchcore(category: Category, settings: dict, folds: int, workdir, prog
         tests = _score_tests(category, score, progress)
         engine.close()
         seconds["test"] = time.perf_counter() - start
-    return train_scores, tests, levels, area
-
-
-def _run_detector(make: Callable, category: Category, folds: int, progress, seconds: dict):
-    """A baseline: fit on train/good; the threshold from k refits, each scoring the fold it left out."""
+    return train_scores, train_folds, tests, levels, area
+def _run_detector(make: Callable, category: Category, folds: int, progress, seconds: dict,
+                  fold_order: str = "capture"):
+    """A baseline: fit on train/good; the threshold from k refits, each scoring the fold it left out (folds as
+    the engine's, calibrator.fold_of)."""
     start = time.perf_counter()
     detector = make()
     detector.fit(category.train)
     seconds["build"] = time.perf_counter() - start
     start = time.perf_counter()
     folds = max(2, min(folds, len(category.train)))
-    fold_of = np.arange(len(category.train)) % folds
+    train_folds = folds_in_order([str(p) for p in category.train], folds, fold_order)
     train_scores = np.zeros(len(category.train))
     for f in range(folds):
         if progress:
             progress("threshold", f, folds)
-        held = np.flatnonzero(fold_of == f)
+        held = np.flatnonzero(train_folds == f)
         fold_detector = make()
-        fold_detector.fit([p for p, fo in zip(category.train, fold_of) if fo != f])
+        fold_detector.fit([p for p, fo in zip(category.train, train_folds) if fo != f])
         for pos in held:
             train_scores[pos] = fold_detector.score(category.train[pos])[0]
     seconds["threshold"] = time.perf_counter() - start
     start = time.perf_counter()
     tests = _score_tests(category, detector.score, progress)
     seconds["test"] = time.perf_counter() - start
-    return train_scores, tests, None, None
+    return train_scores, train_folds, tests, None, None
 
 
 def evaluate_category(category: Category, *, method: str = "patchcore", settings: dict | None = None,
                       folds: int = 5, target_fpr: float = 0.01, workdir: str | Path | None = None,
                       progress: Progress | None = None, finetune: FinetuneSettings | None = None,
-                      coreset: float | None = None) -> CategoryResult:
+                      coreset: float | None = None, fold_order: str = "capture") -> CategoryResult:
     """One method on one category. `settings`: IndexConfig overrides for the engine's fresh index.
+    `fold_order`: how train/good is cut into the threshold's folds (calibrator.fold_of).
     `finetune`: train a projection head on the category's train/good first and build the index with it.
     `coreset`: the engine keeps that fraction of train/good's patch vectors (`Engine.add`)."""
     seconds: dict[str, float] = {}
@@ -170,10 +176,11 @@ def evaluate_category(category: Category, *, method: str = "patchcore", settings
     if (finetune is not None or coreset is not None) and method != "patchcore":
         raise BadInput(f"fine-tuning and a coreset apply to the engine (patchcore), not to {method!r}")
     if method == "patchcore":
-        train_scores, tests, levels, area = _run_patchcore(category, settings or {}, folds, workdir, progress,
-                                                           seconds, finetune, trained, coreset)
+        train_scores, train_folds, tests, levels, area = _run_patchcore(
+            category, settings or {}, folds, workdir, progress, seconds, finetune, trained, coreset, fold_order)
     elif method in BASELINES:
-        train_scores, tests, levels, area = _run_detector(BASELINES[method], category, folds, progress, seconds)
+        train_scores, train_folds, tests, levels, area = _run_detector(BASELINES[method], category, folds, progress,
+                                                                       seconds, fold_order)
     else:
         raise BadInput(f"unknown method {method!r}; available: {METHODS}")
     choice = threshold_for_fpr(train_scores, target_fpr)
@@ -199,6 +206,7 @@ def evaluate_category(category: Category, *, method: str = "patchcore", settings
         threshold=choice.threshold, f1_at_threshold=at["f1"],
         best_f1=metrics.best_f1(labels, scores)[0] if 0 < labels.sum() < len(labels) else None,
         fpr_good=at["fpr_good"], target_fpr=target_fpr, expected_fpr=choice.expected_fpr,
+        fold_order=fold_order, fold_spread=fold_spread(train_scores, train_folds, choice.threshold, target_fpr),
         pixel_threshold=pixel_threshold, min_region_area=area,
         confusion={k: at[k] for k in ("tp", "fp", "tn", "fn")},
         per_defect=per_defect_metrics([s.defect_type for s, _, _ in tests], scores, masks, maps),

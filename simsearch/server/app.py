@@ -79,6 +79,9 @@ class CalibrateRequest(BaseModel):
     folds: Optional[int] = Field(None, ge=2, le=1000, description="calibrate on the bank itself: each of K folds "
                                  "of its images scored against the bank without them (instead of the calibration "
                                  "images)")
+    fold_order: Literal["capture", "interleaved"] = Field(
+        "capture", description="with folds: contiguous runs in file-name order (a fold is mostly one batch) or "
+        "every K-th image")
 
 
 class ErrorBody(BaseModel):
@@ -416,7 +419,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         """New thresholds from the index's stored good images outside the bank (held out, or given before)."""
         request = request or CalibrateRequest()
         return await run_in_threadpool(registry.get(name).calibrate, request.target_fpr, request.min_region_area,
-                                       request.folds)
+                                       request.folds, request.fold_order)
 
     from fastapi.openapi.docs import get_swagger_ui_html
     from swagger_ui_bundle import swagger_ui_path

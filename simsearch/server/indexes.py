@@ -287,11 +287,13 @@ class ServedIndex:
         return {"removed": [r["sha256"] for r in found], "vectors_removed": result["vectors_removed"],
                 "generation": result["generation"], "calibration": result["calibration"], "warning": warning}
 
-    def calibrate(self, target_fpr: float, min_region_area: int | None, folds: int | None = None) -> dict:
+    def calibrate(self, target_fpr: float, min_region_area: int | None, folds: int | None = None,
+                  fold_order: str = "capture") -> dict:
         """Thresholds from the good images the index stores outside its bank (held out, or given before), or
-        from `folds` folds of the bank itself."""
+        from `folds` folds of the bank itself (in `fold_order`)."""
         with self.writer() as engine:
-            cal = engine.calibrate(None, folds=folds, target_fpr=target_fpr, min_region_area=min_region_area)
+            cal = engine.calibrate(None, folds=folds, target_fpr=target_fpr, min_region_area=min_region_area,
+                                   fold_order=fold_order)
             summary = calibration_summary(engine)
         return {**asdict(cal), **{k: summary[k] for k in ("target_false_alarms_per_100_good",
                                                            "expected_false_alarms_per_100_good")}}

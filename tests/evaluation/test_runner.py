@@ -49,6 +49,9 @@ def test_evaluate_category_on_piped(tmp_path):
     assert set(result.seconds) == {"build", "threshold", "test", "metrics"}
     assert result.threshold > 0 and result.expected_fpr == pytest.approx(1 / 32)  # 31 train images, k = 1
     assert result.pixel_threshold > 0 and result.min_region_area > 0  # from the same cross-scores
+    # capture-order folds: PIPED's names run sheet by sheet, so each fold holds whole sheets
+    assert result.fold_order == "capture" and len(result.fold_spread["thresholds"]) == 3
+    assert max(result.fold_spread["thresholds"]) >= result.threshold
     labels = np.array([c.label for c in result.cases])
     scores = np.array([c.score for c in result.cases])
     assert result.fpr_good == pytest.approx(((scores > result.threshold) & (labels == 0)).sum() / 16)
