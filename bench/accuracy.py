@@ -99,9 +99,9 @@ def anomalib_records() -> list[dict]:
     return out
 
 
-def write_charts(records: list[dict]) -> list[Path]:
+def write_charts(records: list[dict], kept: dict[str, dict] | None = None) -> list[Path]:
     """docs/accuracy_<metric>.png for each of CHART_METRICS: per dataset, one bar per method (not the ablation
-    variants) with its mean over the categories it has finished; -> the files written."""
+    variants) with its mean over the categories it has finished (a kept row: its table means); -> the files."""
     from simsearch.evaluation.plots import metric_bars
 
     written = []
@@ -115,15 +115,63 @@ def write_charts(records: list[dict]) -> list[Path]:
         means = {d: {m: (float(sum(v for v in vs if v is not None) / len([v for v in vs if v is not None]))
                          if any(v is not None for v in vs) else None) for m, vs in row.items()}
                  for d, row in sorted(table.items())}
+        for dataset, tables in (kept or {}).items():
+            for method, line in tables["methods"].items():
+                if method not in means.get(dataset, {}):
+                    cell = _cells(line)[2 + METRICS.index(metric)]
+                    means.setdefault(dataset, {})[method] = None if cell == "-" else float(cell)
+        means = dict(sorted(means.items()))
         if means:
             written.append(Path(metric_bars(means, label, OUT.parent / f"accuracy_{metric}.png",
                                             f"{label}: mean over categories")))
     return written
 
 
+def _cells(line: str) -> list[str]:
+    """"| a | b |" -> ["a", "b"]."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def kept_tables(text: str) -> dict[str, dict]:
+    """The rows of the dataset sections in docs/benchmarks.md as they stand, so that a rewrite from a cache that
+    lacks some methods (bench/.cache/ is not in git: a fresh clone has none of it) keeps their rows as they are.
+
+    -> {dataset: {"methods": {method: its main-table line}, "per_category": {method: {category: cell}},
+    "ablation": {variant: its ablation-table line}}}; a dataset section is a `## ` section holding a
+    `| method | categories |` table.
+    """
+    out: dict[str, dict] = {}
+    section, kind, columns = None, None, []
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section, kind = line[3:].strip(), None
+            continue
+        if not line.startswith("|"):
+            kind = None
+            continue
+        if section is None:
+            continue
+        cells = _cells(line)
+        if kind is None:  # a table's header
+            kind = {"method": "methods", "category": "per_category", "variant": "ablation"}.get(cells[0], "other")
+            columns = cells[1:]
+            if kind == "methods":
+                out.setdefault(section, {"methods": {}, "per_category": {}, "ablation": {}})
+            continue
+        if set(line) <= set("|-: ") or kind == "other" or section not in out:
+            continue
+        if kind == "per_category":
+            for method, cell in zip(columns, cells[1:]):
+                out[section]["per_category"].setdefault(method, {})[cells[0]] = cell
+        else:
+            out[section][kind][cells[0]] = line
+    return out
+
+
 def write_markdown() -> None:
     records = [json.loads(p.read_text()) for p in sorted(CACHE.glob("*/*/*.json"))] + anomalib_records()
-    charts = write_charts(records)
+    kept = kept_tables(OUT.read_text()) if OUT.exists() else {}
+    charts = write_charts(records, kept)
     lines = ["# Benchmarks", "",
              f"Machine: {os.cpu_count()} CPU cores, {platform.machine()}, no GPU; Python {platform.python_version()}.",
              "Command: `.venv/bin/python bench/accuracy.py` (resumable; per-category results cached in "
@@ -172,44 +220,69 @@ def write_markdown() -> None:
              "autoencoder's maps localise better than the engine's (pixel AUROC 0.9798 against 0.9737, AUPRO "
              "0.8796 against 0.8106) while ranking images worse (0.9845 against 0.9957).",
              "", *(f"![{p.stem}]({p.name})" for p in charts), ""]
-    for dataset in sorted({r["dataset"] for r in records}):
-        all_rows = [r for r in records if r["dataset"] == dataset]
-        rows = [r for r in all_rows if ":" not in r["method"]]
-        lines += [f"## {dataset}", "", "| method | categories | " + " | ".join(HEADERS) + " | run time |",
-                  "|---|---|" + "---|" * len(HEADERS) + "---|"]
-        for method in sorted({r["method"] for r in rows}, key=lambda m: (m != "patchcore", m)):
-            mine = [r for r in rows if r["method"] == method]
-            cells = [_mean([r[m] for r in mine]) for m in METRICS]
-            seconds = sum(r["wall_seconds"] for r in mine)
-            lines.append(f"| {method} | {len(mine)} | " + " | ".join(cells) + f" | {seconds / 60:.1f} min |")
-        categories = sorted({r["category"] for r in rows})
-        if len(categories) > 1:
-            methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "patchcore", m))
-            lines += ["", "Image AUROC per category:", "", "| category | " + " | ".join(methods) + " |",
-                      "|---|" + "---|" * len(methods)]
-            by = {(r["method"], r["category"]): r for r in rows}
-            for c in categories:
-                lines.append(f"| {c} | " + " | ".join(
-                    f"{by[(m, c)]['image_auroc']:.4f}" if (m, c) in by and by[(m, c)]["image_auroc"] is not None
-                    else "-" for m in methods) + " |")
-        for base, heading in (("patchcore", "the engine's defaults"),
-                              ("patchcore-v1", "the defaults before 2026-11-30 (native scale, neighbourhood 3, "
-                                               "image score = the highest patch score, no discount)")):
-            variants = [r for r in all_rows if r["method"] == base or r["method"].startswith(base + ":")]
-            if not any(":" in r["method"] for r in variants):
-                continue
-            lines += ["", f"Ablation on {dataset} from {heading}, then the changes named "
-                      "(`bench/accuracy.py --ablation VARIANT...`; variants in `ABLATION` there):", "",
-                      "| variant | categories | image AUROC | pixel AUROC | AUPRO@0.3 | run time |",
-                      "|---|---|---|---|---|---|"]
-            for method in sorted({r["method"] for r in variants}, key=lambda m: (":" in m, m)):
-                mine = [r for r in variants if r["method"] == method]
-                cells = [_mean([r[m] for r in mine]) for m in ("image_auroc", "pixel_auroc", "aupro")]
-                lines.append(f"| {method} | {len(mine)} | " + " | ".join(cells)
-                             + f" | {sum(r['wall_seconds'] for r in mine) / 60:.1f} min |")
-        lines.append("")
+    for dataset in sorted({r["dataset"] for r in records} | set(kept)):
+        lines += dataset_section(dataset, [r for r in records if r["dataset"] == dataset],
+                                 kept.get(dataset, {"methods": {}, "per_category": {}, "ablation": {}}))
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text("\n".join(lines) + "\n" + other_sections({r["dataset"] for r in records}))
+    OUT.write_text("\n".join(lines) + "\n" + other_sections({r["dataset"] for r in records} | set(kept)))
+
+
+def dataset_section(dataset: str, all_rows: list[dict], kept: dict) -> list[str]:
+    """One dataset's `## ` section: the methods' means, image AUROC per category, the ablations. A method or
+    variant with no cached record keeps its row (and its per-category cells) from `kept` as it stood."""
+    rows = [r for r in all_rows if ":" not in r["method"]]
+    order = lambda m: (m != "patchcore", m)  # noqa: E731
+    cached = {r["method"] for r in rows}
+    kept_methods = {m: line for m, line in kept["methods"].items() if m not in cached}
+    lines = [f"## {dataset}", "", "| method | categories | " + " | ".join(HEADERS) + " | run time |",
+             "|---|---|" + "---|" * len(HEADERS) + "---|"]
+    for method in sorted(cached | set(kept_methods), key=order):
+        if method in kept_methods:
+            lines.append(kept_methods[method])
+            continue
+        mine = [r for r in rows if r["method"] == method]
+        cells = [_mean([r[m] for r in mine]) for m in METRICS]
+        seconds = sum(r["wall_seconds"] for r in mine)
+        lines.append(f"| {method} | {len(mine)} | " + " | ".join(cells) + f" | {seconds / 60:.1f} min |")
+    kept_cells = {m: cells for m, cells in kept["per_category"].items() if m not in cached}
+    categories = sorted({r["category"] for r in rows} | {c for cells in kept_cells.values() for c in cells})
+    if len(categories) > 1:
+        methods = sorted(cached | set(kept_cells), key=order)
+        lines += ["", "Image AUROC per category:", "", "| category | " + " | ".join(methods) + " |",
+                  "|---|" + "---|" * len(methods)]
+        by = {(r["method"], r["category"]): r for r in rows}
+
+        def cell(m: str, c: str) -> str:
+            if m in kept_cells:
+                return kept_cells[m].get(c, "-")
+            return f"{by[(m, c)]['image_auroc']:.4f}" if (m, c) in by and by[(m, c)]["image_auroc"] is not None \
+                else "-"
+        for c in categories:
+            lines.append(f"| {c} | " + " | ".join(cell(m, c) for m in methods) + " |")
+    cached_variants = {r["method"] for r in all_rows}
+    for base, heading in (("patchcore", "the engine's defaults"),
+                          ("patchcore-v1", "the defaults before 2026-11-30 (native scale, neighbourhood 3, "
+                                           "image score = the highest patch score, no discount)")):
+        variants = [r for r in all_rows if r["method"] == base or r["method"].startswith(base + ":")]
+        kept_variants = {v: line for v, line in kept["ablation"].items()
+                         if v.split(":")[0] == base and v not in cached_variants}
+        names = {r["method"] for r in variants} | set(kept_variants)
+        if not any(":" in m for m in names):
+            continue
+        lines += ["", f"Ablation on {dataset} from {heading}, then the changes named "
+                  "(`bench/accuracy.py --ablation VARIANT...`; variants in `ABLATION` there):", "",
+                  "| variant | categories | image AUROC | pixel AUROC | AUPRO@0.3 | run time |",
+                  "|---|---|---|---|---|---|"]
+        for method in sorted(names, key=lambda m: (":" in m, m)):
+            if method in kept_variants:
+                lines.append(kept_variants[method])
+                continue
+            mine = [r for r in variants if r["method"] == method]
+            cells = [_mean([r[m] for r in mine]) for m in ("image_auroc", "pixel_auroc", "aupro")]
+            lines.append(f"| {method} | {len(mine)} | " + " | ".join(cells)
+                         + f" | {sum(r['wall_seconds'] for r in mine) / 60:.1f} min |")
+    lines.append("")
+    return lines
 
 
 def other_sections(datasets: set[str]) -> str:

@@ -538,8 +538,8 @@ def finetune_command(
 def eval_command(
     dataset: Annotated[Path, typer.Argument(help="MVTec-layout folder (or one category folder).")],
     category: Annotated[Optional[list[str]], typer.Option(help="Only these categories (repeatable).")] = None,
-    method: Annotated[str, typer.Option(help="patchcore (the engine), histogram-iforest, pooled-ocsvm "
-                                             "or autoencoder.")] = "patchcore",
+    method: Annotated[str, typer.Option(help="patchcore (the engine), histogram-iforest, pooled-ocsvm, "
+                                             "image-knn, autoencoder, vae or ganomaly.")] = "patchcore",
     folds: Annotated[int, typer.Option(help="Folds for the threshold from train/good.")] = 5,
     fold_order: FoldOrder = "capture",
     target_fpr: Annotated[float, typer.Option(help="Target false-positive rate for the threshold.")] = 0.01,

@@ -6,11 +6,16 @@
 - `histogram-iforest`: IsolationForest on colour (RGB) and HSV histograms; image level only.
 - `pooled-ocsvm`: one-class SVM on globally average-pooled backbone features (the engine's own default
   backbone and weights, last stage); image level only.
-- `autoencoder`: a small convolutional autoencoder trained on the good images; the per-pixel
-  reconstruction error is the map, its maximum (after the same Gaussian smoothing as the engine) the score.
+- `image-knn`: the seeds' first strategy, image-level feature similarity: the same pooled vector, L2-normalised,
+  the score its L2 distance to the nearest good image (in [0, 2]) and `0.5 ** (d / threshold)` the similarity;
+  no patches, no map.
+- `autoencoder`, `vae`, `ganomaly`: trained on the good images (baselines_neural.py); the per-pixel
+  reconstruction error is the map.
 
 Each is kept small and fair: the images are the same decoded RGB images the engine sees; methods
-that need a fixed input size resize the whole image (stated per class).
+that need a fixed input size resize the whole image (stated per class). Every detector takes the run's
+`FeatureCache`, so the threshold's k refits (and their scoring of the held-out fold) do not decode and
+embed train/good again.
 """
 from __future__ import annotations
 
@@ -20,15 +25,16 @@ from typing import Protocol
 import cv2
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from sklearn.ensemble import IsolationForest
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
+from ..errors import SimsearchError
 from ..images import load_image
-from ..scoring import smooth
+from ..scoring import similarity_from_score
+from .baselines_neural import ConvAutoencoder, ConvVAE, Ganomaly
+from .feature_cache import FeatureCache, cached
 
 
 class Detector(Protocol):
@@ -53,101 +59,107 @@ def colour_histogram(rgb: np.ndarray, bins: int = 16) -> np.ndarray:
 class HistogramIForest:
     name = "histogram-iforest"
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, cache: FeatureCache | None = None):
         self.model = IsolationForest(n_estimators=200, random_state=seed)
+        self.cache = cache
+
+    def _histogram(self, path: Path) -> np.ndarray:
+        return cached(self.cache, "histogram", path, lambda p: colour_histogram(load_image(p).rgb))
 
     def fit(self, images: list[Path]) -> None:
-        self.model.fit(np.stack([colour_histogram(load_image(p).rgb) for p in images]))
+        self.model.fit(np.stack([self._histogram(p) for p in images]))
 
     def score(self, image: Path) -> tuple[float, None]:
-        return float(-self.model.score_samples(colour_histogram(load_image(image).rgb)[None])[0]), None
+        return float(-self.model.score_samples(self._histogram(image)[None])[0]), None
 
 
-class PooledOCSVM:
-    """Input: the whole image resized to the backbone's native size (240 x 240 for Lite1)."""
+class PooledEmbedder:
+    """One vector per image: the whole image resized to the backbone's native size (240 x 240 for Lite1), its
+    last stage (stride 32) averaged over all positions -> (C,) float32 (1280 for Lite1)."""
 
-    name = "pooled-ocsvm"
     size = 240
 
     def __init__(self, backbone: str = "tf_efficientnet_lite1"):
         from ..backbones import build_backbone, layers_for_strides
-        last = layers_for_strides(backbone, (32,))
-        self.net = build_backbone(backbone, "embedded", last)
-        self.model = make_pipeline(StandardScaler(), OneClassSVM(nu=0.1, gamma="scale"))
+        self.backbone = backbone
+        self.net = build_backbone(backbone, "embedded", layers_for_strides(backbone, (32,)))
+        self.mean = torch.tensor(self.net.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.net.std).view(1, 3, 1, 1)
 
     @torch.inference_mode()
-    def features(self, path: Path) -> np.ndarray:
+    def __call__(self, path: Path) -> np.ndarray:
         rgb = cv2.resize(load_image(path).rgb, (self.size, self.size), interpolation=cv2.INTER_AREA)
         x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255.0
-        x = (x - torch.tensor(self.net.mean).view(1, 3, 1, 1)) / torch.tensor(self.net.std).view(1, 3, 1, 1)
-        return self.net.model(x)[-1].mean(dim=(2, 3))[0].numpy()
+        return self.net.model((x - self.mean) / self.std)[-1].mean(dim=(2, 3))[0].numpy()
+
+
+class _PooledFeatures:
+    """The pooled-vector path `pooled-ocsvm` and `image-knn` share: one embedder per run, train vectors cached."""
+
+    def __init__(self, backbone: str, cache: FeatureCache | None):
+        self.cache = cache
+        self.embed = PooledEmbedder(backbone) if cache is None else \
+            cache.shared(f"pooled-embedder:{backbone}", lambda: PooledEmbedder(backbone))
+
+    def vector(self, path: Path) -> np.ndarray:
+        """-> (C,) float32, each image embedded once per run."""
+        return cached(self.cache, f"pooled:{self.embed.backbone}", path, self.embed)
+
+    def train_vectors(self, images: list[Path]) -> np.ndarray:
+        return np.stack([self.vector(p) for p in images])
+
+
+class PooledOCSVM(_PooledFeatures):
+    """Input: `PooledEmbedder`'s vector; a standardised RBF one-class SVM, nu 0.1."""
+
+    name = "pooled-ocsvm"
+
+    def __init__(self, backbone: str = "tf_efficientnet_lite1", cache: FeatureCache | None = None):
+        super().__init__(backbone, cache)
+        self.model = make_pipeline(StandardScaler(), OneClassSVM(nu=0.1, gamma="scale"))
 
     def fit(self, images: list[Path]) -> None:
-        self.model.fit(np.stack([self.features(p) for p in images]))
+        self.model.fit(self.train_vectors(images))
 
     def score(self, image: Path) -> tuple[float, None]:
-        return float(-self.model.decision_function(self.features(image)[None])[0]), None
+        return float(-self.model.decision_function(self.vector(image)[None])[0]), None
 
 
-class _ConvAE(nn.Module):
-    def __init__(self, width: int = 32, bottleneck: int = 16):
-        super().__init__()
-        self.encode = nn.Sequential(
-            nn.Conv2d(3, width, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(width, width * 2, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(width * 2, width * 4, 4, 2, 1), nn.ReLU(),
-            nn.Conv2d(width * 4, bottleneck, 3, 1, 1))
-        self.decode = nn.Sequential(
-            nn.Conv2d(bottleneck, width * 4, 3, 1, 1), nn.ReLU(),
-            nn.ConvTranspose2d(width * 4, width * 2, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(width * 2, width, 4, 2, 1), nn.ReLU(),
-            nn.ConvTranspose2d(width, 3, 4, 2, 1), nn.Sigmoid())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """(N, C) -> (N, C) float32, each row scaled to unit L2 norm (a zero row stays zero)."""
+    vectors = np.asarray(vectors, np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
-class ConvAutoencoder:
-    """Input: the whole image resized to 128 x 128; the error map is resized back to the image."""
+def nearest_distance(query: np.ndarray, references: np.ndarray) -> float:
+    """(C,) unit query, (N, C) unit references -> the smallest L2 distance, sqrt(2 - 2 cos), in [0, 2]."""
+    cos = references @ query
+    return float(np.sqrt(max(2.0 - 2.0 * float(cos.max()), 0.0)))
 
-    name = "autoencoder"
-    size = 128
 
-    def __init__(self, steps: int = 200, batch: int = 16, seed: int = 0, blur_sigma: float = 4.0):
-        self.steps, self.batch, self.seed, self.blur_sigma = steps, batch, seed, blur_sigma
-        self.model: _ConvAE | None = None
+class ImageKNN(_PooledFeatures):
+    """Image-level similarity search: the score of an image is the L2 distance between its unit-normalised
+    pooled vector and the nearest good reference's (exact, brute force)."""
 
-    def _tensor(self, rgb: np.ndarray) -> torch.Tensor:
-        small = cv2.resize(rgb, (self.size, self.size), interpolation=cv2.INTER_AREA)
-        return torch.from_numpy(small).permute(2, 0, 1).float() / 255.0
+    name = "image-knn"
+
+    def __init__(self, backbone: str = "tf_efficientnet_lite1", cache: FeatureCache | None = None):
+        super().__init__(backbone, cache)
+        self.references: np.ndarray | None = None
 
     def fit(self, images: list[Path]) -> None:
-        torch.manual_seed(self.seed)
-        data = torch.stack([self._tensor(load_image(p).rgb) for p in images])
-        self.model = _ConvAE()
-        optimiser = torch.optim.Adam(self.model.parameters(), lr=1e-3)
-        generator = torch.Generator().manual_seed(self.seed)
-        self.model.train()
-        for _ in range(self.steps):
-            batch = data[torch.randint(len(data), (min(self.batch, len(data)),), generator=generator)]
-            flip = torch.rand(1, generator=generator).item() < 0.5  # cheap augmentation
-            batch = batch.flip(3) if flip else batch
-            loss = F.mse_loss(self.model(batch), batch)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        self.model.eval()
+        self.references = unit_rows(self.train_vectors(images))
 
-    @torch.inference_mode()
-    def score(self, image: Path) -> tuple[float, np.ndarray]:
-        if self.model is None:
-            raise RuntimeError("fit the autoencoder first")
-        rgb = load_image(image).rgb
-        x = self._tensor(rgb)[None]
-        error = ((self.model(x) - x) ** 2).mean(dim=1)[0].numpy()
-        amap = cv2.resize(error, (rgb.shape[1], rgb.shape[0]), interpolation=cv2.INTER_LINEAR)
-        amap = smooth(amap, self.blur_sigma)
-        return float(amap.max()), amap
+    def score(self, image: Path) -> tuple[float, None]:
+        if self.references is None:
+            raise SimsearchError("fit the image-knn baseline before scoring")
+        return nearest_distance(unit_rows(self.vector(image)[None])[0], self.references), None
+
+    @staticmethod
+    def similarity(score: float, threshold: float) -> float | None:
+        """The seeds' similarity in [0, 1]: 0.5 ** (score / threshold); 1 = a reference's twin, 0.5 = at the
+        threshold (as the engine's `similarity_from_score`, which this is)."""
+        return similarity_from_score(score, threshold)
 
 
-BASELINES = {cls.name: cls for cls in (HistogramIForest, PooledOCSVM, ConvAutoencoder)}
+BASELINES = {cls.name: cls for cls in (HistogramIForest, PooledOCSVM, ImageKNN, ConvAutoencoder, ConvVAE, Ganomaly)}

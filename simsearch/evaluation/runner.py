@@ -27,6 +27,7 @@ from ..scoring import find_regions
 from . import metrics
 from .baselines import BASELINES
 from .datasets import Category, load_mask
+from .feature_cache import FeatureCache
 
 METHODS = ("patchcore", *BASELINES)
 
@@ -136,10 +137,17 @@ def _run_patchcore(category: Category, settings: dict, folds: int, workdir, prog
         engine.close()
         seconds["test"] = time.perf_counter() - start
     return train_scores, train_folds, tests, levels, area
-def _run_detector(make: Callable, category: Category, folds: int, progress, seconds: dict,
+
+
+def _run_detector(cls: Callable, category: Category, folds: int, progress, seconds: dict,
                   fold_order: str = "capture"):
     """A baseline: fit on train/good; the threshold from k refits, each scoring the fold it left out (folds as
-    the engine's, calibrator.fold_of)."""
+    the engine's, calibrator.fold_of). One feature cache for all k + 1 fits: each train image is decoded (and
+    embedded) once."""
+    cache = FeatureCache()
+
+    def make():
+        return cls(cache=cache)
     start = time.perf_counter()
     detector = make()
     detector.fit(category.train)
