@@ -69,7 +69,7 @@ def test_unit_rows_and_nearest_distance():
     refs = unit_rows(np.array([[3.0, 4.0], [0.0, 2.0]]))
     np.testing.assert_allclose(refs, [[0.6, 0.8], [0.0, 1.0]])
     assert nearest_distance(unit_rows(np.array([[0.0, 5.0]]))[0], refs) == pytest.approx(0.0, abs=1e-6)
-    # Opposite to both: the nearest is at angle 90 + 36.87 degrees from (0.6, 0.8)... the L2 of unit vectors.
+    # (1, 0) has cosine 0.6 with (0.6, 0.8) and 0 with (0, 1): the nearest is the first, at sqrt(2 - 2 cos).
     query = unit_rows(np.array([[1.0, 0.0]]))[0]
     assert nearest_distance(query, refs) == pytest.approx(np.sqrt(2 - 2 * 0.6))
 
