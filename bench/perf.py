@@ -747,7 +747,6 @@ def run_step(step: str) -> dict:
     if step.startswith("tier-"):
         return step_tier(step.split("-", 1)[1])
     if step.startswith("latency-"):
-        from simsearch.store.vectors import choose_kind
         tier = step.split("-", 1)[1]
         if tier == "1m":
             # ivf-flat and ivf-pq (slower than ivf-sq8, docs/benchmarks.md) are left out since issue 19: run time
