@@ -36,6 +36,10 @@ Steps:
   fit (same weights, coreset 0.01) on every 4th magnetic_tile train/good image, in one run.
 - tier-10m: the auto kind on 10M synthetic vectors, built and saved block by block (resumable); recall@1 and
   search time of 1,000 queries.
+- twostage-accuracy: exact search against the two-stage search (store/twostage.py) and the approximate kinds on the
+  same banks: image AUROC, pixel AUROC, AUPRO, overlap of the final top-16 patches (Magnetic Tile subset as `auroc`,
+  all 12 PIPED categories). latency-1m also times "two-stage/ivf-sq8" and "two-stage/hnsw" banks.
+- twostage-build: build seconds and memory per vector of the two-stage search at 100k and 1M vectors.
 """
 from __future__ import annotations
 
@@ -68,7 +72,7 @@ BUILD_SETTINGS = dict(scale=1.0, short_side=None, tile_size=256, tile_stride=192
 BEFORE_REV = "7f05de5"
 STEPS = ("forward-batch", "embed-ab", "build-before", "build-after", "export", "tier-10k", "tier-100k", "tier-1m",
          "latency-10k", "latency-100k", "latency-1m", "wait-policy", "coreset", "auroc", "build-vs-anomalib",
-         "tier-10m")
+         "tier-10m", "twostage-accuracy", "twostage-build")
 
 
 def peak_rss_mib() -> float:
@@ -245,6 +249,44 @@ def tier_vectors(tier: str) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(bank[pick], dtype=np.float32), pick.astype(np.int64)
 
 
+def bank_owners() -> np.ndarray:
+    """(2,009,160,) int64: the image view (0 .. 3 x 761 - 1, views in `step_export`'s order) each row of
+    bank.f16.npy came from, from the images' patch grids (their layouts, no forward); cached."""
+    path = CACHE / "bank_owner.npy"
+    if not path.exists():
+        from simsearch.images import load_image
+        from simsearch.tiling import plan_tiles, resize_to_scale
+        from simsearch.config import IndexConfig
+        config = IndexConfig(feature_dim=152)
+        counts = []
+        for p in train_images():
+            img = load_image(p)
+            rgb = resize_to_scale(img.rgb, config.scale_for(img.height, img.width), config.interpolation)
+            layout = plan_tiles(rgb.shape[0], rgb.shape[1], config.tile_size, config.tile_stride, config.patch_stride,
+                                config.context_margin)
+            counts.append(int(np.prod(layout.grid_shape)))
+        counts = np.asarray(counts * 3)  # the mirrored views have the same grids
+        owner = np.repeat(np.arange(len(counts)), counts)
+        bank = np.load(CACHE / "bank.f16.npy", mmap_mode="r")
+        if len(owner) != len(bank):
+            raise SystemExit(f"grids give {len(owner)} rows, the export holds {len(bank)}")
+        np.save(path, owner)
+    return np.load(path)
+
+
+def tier_two_stage_parts(tier: str, ids: np.ndarray):
+    """For a tier's bank (its (n,) ids = rows of bank.f16.npy): (n, 2) [id, image view] owners and the pooled-vector
+    bank (a flat VectorIndex, one unit mean of each image view's exported patches, ids = view numbers)."""
+    from simsearch.store.twostage import unit_mean
+    from simsearch.store.vectors import VectorIndex
+    owner = bank_owners()
+    bank = np.load(CACHE / "bank.f16.npy", mmap_mode="r")
+    bounds = np.searchsorted(owner, np.arange(owner[-1] + 2))
+    pooled = np.stack([unit_mean(np.asarray(bank[a:b], np.float32)) for a, b in zip(bounds[:-1], bounds[1:])])
+    return (np.stack([ids, owner[ids]], axis=1),
+            VectorIndex.from_vectors("flat", pooled, np.arange(len(pooled), dtype=np.int64)))
+
+
 def step_tier(tier: str) -> dict:
     from simsearch.runtime import configure_threads
     from simsearch.store.vectors import VectorIndex, choose_kind
@@ -284,15 +326,27 @@ def step_tier(tier: str) -> dict:
     return out
 
 
+def auto_label(n: int) -> str:
+    """The row of the latency table that the defaults give a bank of `n` vectors: the kind `auto` builds, with a
+    "two-stage/" prefix where SearchConfig.two_stage "auto" searches it in two stages."""
+    from simsearch.store.vectors import choose_kind, uses_two_stage
+    kind = choose_kind("auto", n)
+    return f"two-stage/{kind}" if uses_two_stage("auto", n) else kind
+
+
 def latency(tier: str, kinds: list[str], images: int = 20) -> dict:
     """Query latency per image against the backbone forward alone, interleaved per image, on an index at the
-    defaults whose bank is swapped for the tier's vectors (ids outside its catalog: no nearest-image rows)."""
+    defaults whose bank is swapped for the tier's vectors (ids outside its catalog: no nearest-image rows).
+    A kind "two-stage/K" is a TwoStageBank over the K bank (the tier's image views as its reference images); the
+    other rows search their bank alone (two-stage off)."""
     import torch
     from simsearch import Engine
     from simsearch.features import tiles_per_batch
     from simsearch.images import Image, load_image
     from simsearch.runtime import configure_threads
+    from simsearch.scoring import score_vectors
     from simsearch.store.banks import BankView
+    from simsearch.store.twostage import TwoStageBank
     from simsearch.store.vectors import VectorIndex
     tmp = tempfile.TemporaryDirectory()
     engine = Engine.create(Path(tmp.name) / "index")
@@ -302,36 +356,60 @@ def latency(tier: str, kinds: list[str], images: int = 20) -> dict:
     committed = engine.banks.view()  # its patch bank is swapped below for the tier's
     vectors, ids = tier_vectors(tier)
     decoded = [load_image(p).rgb for p in test_images()[::29][:images]]
-    out = {"tier": tier, "vectors": int(len(vectors)), "images": len(decoded),
-           "threads": torch.get_num_threads(), "kinds": {}}
-    for kind in kinds:
-        bank = VectorIndex.from_vectors(kind, vectors, ids)
+    out = {"tier": tier, "vectors": int(len(vectors)), "images": len(decoded), "auto": auto_label(len(vectors)),
+           "threads": torch.get_num_threads(), "embedder_runtime": emb.runtime, "kinds": {}}
+    bases, parts = {}, None
+    for n, kind in enumerate(kinds):
+        inner = kind.split("/", 1)[-1]
+        row = {}
+        if inner not in bases:
+            start = time.perf_counter()
+            bases[inner] = VectorIndex.from_vectors(inner, vectors, ids)
+            row["build_s"] = time.perf_counter() - start
+        bank = bases[inner]
+        if kind.startswith("two-stage/"):
+            if parts is None:
+                parts = tier_two_stage_parts(tier, ids)
+            start = time.perf_counter()
+            bank = TwoStageBank.build(bank, parts[1], parts[0])
+            row["two_stage_build_s"] = time.perf_counter() - start
+            row["memory_bytes"] = bank.memory_bytes()
+        engine.banks.two_stage = "off"  # the pinned bank is searched as it is
         engine.banks.pin(BankView(committed.generation, bank, committed.images))
         nprobe = bank.nprobe
         engine.query(decoded[0])  # warm
-        forward, query, patches = [], [], []
+        forward, query, patches, refined = [], [], [], []
         for rgb in decoded:
             tiles, _ = emb.tiles_of(Image(rgb=rgb, sha256="", source="<array>"))
-            with torch.inference_mode():
-                start = time.perf_counter()
-                step = tiles_per_batch(tiles.shape[1], tiles.shape[2])  # the batches a query uses
-                for s in range(0, len(tiles), step):
-                    x = torch.from_numpy(np.ascontiguousarray(tiles[s:s + step])).permute(0, 3, 1, 2).float()
-                    emb.backbone.model(((x - emb._mean) / emb._std).contiguous(memory_format=torch.channels_last))
-                forward.append(time.perf_counter() - start)
+            # The embedder's own tile forward (torch: backbone + patch features; onnxruntime, the default where
+            # installed: the exported model, the same two), in the batches a query uses.
+            start = time.perf_counter()
+            step = tiles_per_batch(tiles.shape[1], tiles.shape[2])
+            for s in range(0, len(tiles), step):
+                emb._forward(tiles[s:s + step])
+            forward.append(time.perf_counter() - start)
             start = time.perf_counter()
             result = engine.query(rgb)
             query.append(time.perf_counter() - start)
             assert result.anomaly_map.shape == rgb.shape[:2]
-            patches.append(int(np.prod(emb.embed(Image(rgb=rgb, sha256="", source="<array>")).grid_shape)))
+            grid = emb.embed(Image(rgb=rgb, sha256="", source="<array>"))
+            patches.append(int(np.prod(grid.grid_shape)))
+            if kind.startswith("two-stage/"):
+                scored = score_vectors(bank, grid.features.reshape(patches[-1], -1), engine.config.search)
+                refined.append(int(scored.refined.sum()))
         ratio = np.asarray(query) / np.asarray(forward)
         out["kinds"][kind] = {
-            "nprobe": nprobe, "patches_per_image_p50": float(np.median(patches)),
+            **row, "nprobe": nprobe, "patches_per_image_p50": float(np.median(patches)),
             "query_p50_ms": 1000 * float(np.percentile(query, 50)),
             "query_p95_ms": 1000 * float(np.percentile(query, 95)),
             "forward_p50_ms": 1000 * float(np.percentile(forward, 50)),
             "forward_p95_ms": 1000 * float(np.percentile(forward, 95)),
             "ratio_p50": float(np.median(ratio)), "ratio_of_p50s": float(np.median(query) / np.median(forward))}
+        if refined:
+            out["kinds"][kind].update(refined_p50=float(np.median(refined)), refined_max=int(max(refined)))
+        print(kind, {k: round(v, 3) if isinstance(v, float) else v for k, v in out["kinds"][kind].items()}, flush=True)
+        if all(k.split("/", 1)[-1] != inner for k in kinds[n + 1:]):
+            del bases[inner]  # no later row uses it
     engine.close()
     tmp.cleanup()
     return out
@@ -426,6 +504,137 @@ def step_auroc() -> dict:
     out["piped_mean"] = {kind: {"image_auroc": float(np.mean([r["kinds"][kind]["image_auroc"] for r in piped])),
                                 "recall_at_1": float(np.mean([r["kinds"][kind]["recall_at_1"] for r in piped]))}
                          for kind in KINDS}
+    return out
+
+
+def top_patches(scores: np.ndarray, nearest_ids: np.ndarray, bank, search, n: int = 16) -> np.ndarray:
+    """The positions of the `n` patches whose discounted scores make the image score (scoring.discounted_image_score's
+    choice: the 4 * top_k (at least 64) highest plain scores, discounted, the n highest of them)."""
+    from simsearch.scoring import discounted
+    m = min(len(scores), max(4 * search.image_top_k, 64))
+    top = np.argpartition(scores, len(scores) - m)[-m:]
+    if search.sparse_discount == 0:
+        return top[np.argsort(scores[top])[-n:]]
+    d = discounted(scores[top], bank.spread(nearest_ids[top]), bank.typical_spread(), search.sparse_discount)
+    return top[np.argsort(d)[-n:]]
+
+
+TWO_STAGE_VARIANTS = ("exact", "two-stage/ivf-sq8", "two-stage/flat")
+
+
+def step_twostage_accuracy() -> dict:
+    """What the two-stage search costs in accuracy against exact search of the same bank: image AUROC, pixel AUROC
+    and AUPRO (maps from scoring.score_grid), the overlap of the final top-16 patches, and search seconds, for
+    each of TWO_STAGE_VARIANTS: Magnetic Tile (bank from every 2nd train image, every 3rd test image, as `auroc`)
+    and all 12 PIPED categories (two-stage forced on their small banks). Resumable per category."""
+    from simsearch.config import IndexConfig
+    from simsearch.evaluation import metrics
+    from simsearch.evaluation.datasets import category_names, load_category, load_mask
+    from simsearch.images import load_image
+    from simsearch.scoring import score_grid
+    from simsearch.store.twostage import TwoStageBank, unit_mean
+    from simsearch.store.vectors import VectorIndex
+    search = IndexConfig().search
+    emb = default_embedder()
+    part_dir = CACHE / "twostage-accuracy"
+    part_dir.mkdir(exist_ok=True)
+    cases = [("magnetic_tile", DATA / "magnetic_tile", "magnetic_tile", 2, 3)]
+    cases += [(name, DATA / "piped", name, 1, 1) for name in category_names(DATA / "piped")]
+    out = {}
+    for name, root, category_name, train_every, test_every in cases:
+        part = part_dir / f"{name}.json"
+        if part.exists():
+            out[name] = json.loads(part.read_text())
+            continue
+        category = load_category(root, category_name)
+        train = category.train[::train_every]
+        train_grids = [g.features.reshape(-1, 152) for g in emb.embed_many(load_image(p) for p in train)]
+        bank_vectors = np.concatenate(train_grids)
+        owners = np.stack([np.arange(len(bank_vectors)),
+                           np.repeat(np.arange(len(train_grids)), [len(g) for g in train_grids])], axis=1)
+        images = VectorIndex.from_vectors("flat", np.stack([unit_mean(g) for g in train_grids]))
+        del train_grids
+        tests = category.test[::test_every]
+        grids = list(emb.embed_many(load_image(s.path) for s in tests))
+        labels = np.asarray([s.label for s in tests])
+        masks = [load_mask(s, g.original_size) for s, g in zip(tests, grids)]
+        row = {"train_images": len(train), "bank_vectors": int(len(bank_vectors)), "test_images": len(tests),
+               "variants": {}}
+        built, exact_top = {}, None
+        for variant in TWO_STAGE_VARIANTS:
+            inner = {"exact": "flat"}.get(variant, variant.split("/", 1)[-1])
+            if inner not in built:
+                built[inner] = VectorIndex.from_vectors(inner, bank_vectors)
+            bank = built[inner]
+            start = time.perf_counter()
+            if variant.startswith("two-stage/"):
+                bank = TwoStageBank.build(bank, images, owners)
+            build_s = time.perf_counter() - start
+            scores, maps, tops, refined, seconds = [], [], [], [], 0.0
+            for g in grids:
+                start = time.perf_counter()
+                scored = score_grid(bank, g, search)
+                seconds += time.perf_counter() - start
+                scores.append(scored.score)
+                maps.append(scored.anomaly_map)
+                tops.append(set(top_patches(scored.scores.ravel(), scored.nearest_ids.ravel(), bank, search).tolist()))
+                if variant.startswith("two-stage/"):
+                    vec = g.features.reshape(-1, g.features.shape[-1])
+                    from simsearch.scoring import score_vectors
+                    refined.append(int(score_vectors(bank, vec, search).refined.sum()))
+            if variant == "exact":
+                exact_top = tops
+            entry = {"image_auroc": metrics.image_auroc(labels, np.asarray(scores)),
+                     "pixel_auroc": metrics.pixel_auroc(masks, maps), "aupro": metrics.aupro(masks, maps, max_fpr=0.3),
+                     "search_s_per_image": seconds / len(grids), "build_s": build_s,
+                     "top16_overlap_mean": float(np.mean([len(a & b) / 16 for a, b in zip(tops, exact_top)])),
+                     "top16_overlap_min": float(np.min([len(a & b) / 16 for a, b in zip(tops, exact_top)]))}
+            if refined:
+                entry.update(refined_mean=float(np.mean(refined)), refined_max=int(max(refined)),
+                             patches_mean=float(np.mean([g.features.shape[0] * g.features.shape[1] for g in grids])))
+            row["variants"][variant] = entry
+            print(name, variant, {k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}, flush=True)
+        exact = row["variants"]["exact"]
+        for variant, entry in row["variants"].items():
+            for key in ("image_auroc", "pixel_auroc", "aupro"):
+                if entry[key] is not None and exact[key] is not None:
+                    entry[f"{key}_delta"] = entry[key] - exact[key]
+        part.write_text(json.dumps(row, indent=1))
+        out[name] = row
+    piped = [r for n, r in out.items() if n != "magnetic_tile"]
+    out["piped_mean"] = {v: {k: float(np.mean([r["variants"][v][k] for r in piped if r["variants"][v][k] is not None]))
+                             for k in ("image_auroc", "pixel_auroc", "aupro", "top16_overlap_mean")}
+                         for v in TWO_STAGE_VARIANTS}
+    for v, entry in out["piped_mean"].items():
+        for key in ("image_auroc", "pixel_auroc", "aupro"):
+            entry[f"{key}_delta"] = entry[key] - out["piped_mean"]["exact"][key]
+    return out
+
+
+def step_twostage_build() -> dict:
+    """Build seconds and bytes per vector of the two-stage search over the auto kind's bank at the 100k and 1M tiers:
+    the bank itself, then TwoStageBank.build (image groups and the spread table, `bank_spreads`)."""
+    from simsearch.runtime import configure_threads
+    from simsearch.store.twostage import TwoStageBank
+    from simsearch.store.vectors import VectorIndex, choose_kind
+    configure_threads()
+    out = {}
+    for tier in ("100k", "1m"):
+        vectors, ids = tier_vectors(tier)
+        kind = choose_kind("auto", len(vectors))
+        owners, images = tier_two_stage_parts(tier, ids)
+        start = time.perf_counter()
+        bank = VectorIndex.from_vectors(kind, vectors, ids)
+        bank_s = time.perf_counter() - start
+        start = time.perf_counter()
+        two = TwoStageBank.build(bank, images, owners)
+        two_s = time.perf_counter() - start
+        two.coarse_search(vectors[:8], 1)  # an IVF bank builds its id map on the first reconstruct
+        out[tier] = {"kind": kind, "vectors": int(len(vectors)), "bank_build_s": bank_s, "two_stage_build_s": two_s,
+                     "bank_bytes_per_vector": bank.memory_bytes() / len(vectors),
+                     "two_stage_bytes_per_vector": two.memory_bytes() / len(vectors),
+                     "reconstruct_map_bytes_per_vector": 16 if bank.nlist else 0}
+        print(tier, out[tier], flush=True)
     return out
 
 
@@ -538,9 +747,12 @@ def run_step(step: str) -> dict:
     if step.startswith("tier-"):
         return step_tier(step.split("-", 1)[1])
     if step.startswith("latency-"):
-        from simsearch.store.vectors import choose_kind
         tier = step.split("-", 1)[1]
-        kinds = list(KINDS[1:]) if tier == "1m" else [choose_kind("auto", TIERS[tier])]
+        if tier == "1m":
+            # ivf-flat and ivf-pq (slower than ivf-sq8, docs/benchmarks.md) are left out since issue 19: run time
+            kinds = ["ivf-sq8", "two-stage/ivf-sq8", "hnsw", "two-stage/hnsw"]
+        else:
+            kinds = [auto_label(TIERS[tier])]
         return latency(tier, kinds)
     if step == "wait-policy":
         return step_wait_policy()
@@ -548,6 +760,10 @@ def run_step(step: str) -> dict:
         return step_coreset()
     if step == "auroc":
         return step_auroc()
+    if step == "twostage-accuracy":
+        return step_twostage_accuracy()
+    if step == "twostage-build":
+        return step_twostage_build()
 
     raise SystemExit(f"unknown step {step}")
 

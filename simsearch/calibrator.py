@@ -139,7 +139,7 @@ class Calibrator:
             if img.sha256 in seen:
                 continue  # the same image under another name: one score, not two
             seen.add(img.sha256)
-            measures.append(self._measure(img, view.patches, pooled, area))
+            measures.append(self._measure(img, self.index.banks.scorer(view), pooled, area))
             if new_rows is not None:
                 new_rows[img.sha256] = dict(path=os.path.abspath(path), sha256=img.sha256, width=img.width,
                                             height=img.height, added_at=time.time())
@@ -165,6 +165,11 @@ class Calibrator:
             member_ids = np.asarray([r["id"] for r in members], np.int64)
             bank = view.patches.clone()
             bank.remove(owners[np.isin(owners[:, 1], member_ids), 0])
+            if self.index.config.two_stage != "off":  # scored as queries will be: in two stages where they are
+                images = view.images.clone()
+                images.remove(member_ids)
+                kept = owners[~np.isin(owners[:, 1], member_ids)]
+                bank = self.index.banks.scorer_for(bank, images, lambda kept=kept: kept)
             others = pooled[~np.isin(pooled_ids, member_ids)]
             for row in members:
                 if progress:

@@ -27,7 +27,7 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite1"
 
 # Field -> value meaning "what the code did before this field existed".
 LEGACY_DEFAULTS: dict[str, object] = {"short_side": None, "image_top_k": 1, "sparse_discount": 0.0, "head": "",
-                                      "head_sha256": ""}
+                                      "head_sha256": "", "two_stage": "off"}
 # Embedder fields that name files: their content is named by the hashes beside them.
 FILE_NAME_FIELDS = ("weights", "head")
 
@@ -113,6 +113,10 @@ class SearchConfig:
     # than typical (scoring.discounted; 0 = plain distances).
     sparse_discount: float = 0.5
     blur_sigma: float = 4.0
+    # Two-stage search of the patch bank (store/twostage.py): "auto" from store.vectors.TWO_STAGE_FROM vectors,
+    # "on" whatever the size, "off" never. Off by default until a full Magnetic Tile eval confirms its accuracy
+    # bound (docs/benchmarks.md, "Two-stage search"): opt in with IndexConfig(two_stage="auto").
+    two_stage: str = "off"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -123,6 +127,7 @@ class SearchConfig:
         _require(self.nprobe is None or self.nprobe >= 1, f"nprobe must be >= 1, got {self.nprobe}")
         _require(self.k_neighbours >= 1, f"k must be >= 1, got {self.k_neighbours}")
         _require(self.blur_sigma >= 0, f"blur sigma must be >= 0, got {self.blur_sigma}")
+        _require(self.two_stage in ("auto", "on", "off"), f"two stage must be auto, on or off, got {self.two_stage!r}")
 
 
 EMBEDDER_FIELDS = tuple(f.name for f in dataclasses.fields(EmbedderConfig))

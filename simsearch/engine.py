@@ -55,7 +55,7 @@ class Engine:
         self.directory = self.folder.directory
         self.catalog = catalog
         self.config = config
-        self.banks = BankStore(self.directory, catalog, config.feature_dim, config.nprobe)
+        self.banks = BankStore(self.directory, catalog, config.feature_dim, config.nprobe, config.two_stage)
         self._embedder = None
         self.ingest = Ingest(self)
         self.inspector = Inspector(self)

@@ -24,6 +24,7 @@ from .images import Image, decode, expand_paths, file_sha256, read_ahead, read_b
 from .records import AddReport, Progress
 from .store.banks import BankTransaction
 from .store.spool import VectorSpool
+from .store.twostage import unit_mean
 from .store.vectors import IVF_KINDS, choose_kind
 
 
@@ -56,8 +57,7 @@ def cell_rows(grid) -> tuple[list[tuple[int, int, int, int]], np.ndarray]:
 
 def pooled_vector(grid) -> np.ndarray:
     """(Hc, Wc, D) patch vectors -> (D,) float32 unit-length mean (the image's vector for `search`)."""
-    v = grid.features.reshape(-1, grid.features.shape[-1]).mean(axis=0)
-    return (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
+    return unit_mean(grid.features.reshape(-1, grid.features.shape[-1]))
 
 
 @dataclass(frozen=True)

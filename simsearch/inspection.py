@@ -20,6 +20,11 @@ from .scoring import ScoredImage, find_regions, score_grid, similarity_from_scor
 from .store.banks import BankView
 
 
+# On a two-stage bank, patches whose stage-1 score passes this fraction of the pixel threshold are searched fully:
+# a region's outline at the threshold comes from exact patch scores (docs/benchmarks.md, "Two-stage search").
+REFINE_FROM = 0.8
+
+
 class Inspector:
     """query / search / nearest for one index: `index` is the Engine (embedder, bank store, catalog,
     calibrations)."""
@@ -28,12 +33,15 @@ class Inspector:
         self.index = index
         self._drift_lines: dict[int, tuple[float, int, int]] = {}  # calibration id -> drift.drift_line
 
-    def score(self, image: Image, view: BankView) -> ScoredImage:
-        """One image through the scoring chain against `view`'s patch bank."""
+    def score(self, image: Image, view: BankView, cal: dict | None = None) -> ScoredImage:
+        """One image through the scoring chain against `view`'s patch bank (searched in two stages where the
+        configuration says so: then every patch near `cal`'s pixel threshold is searched fully, see
+        REFINE_FROM)."""
         if view.patches.ntotal == 0:
             raise IndexNotReady("the index has no reference images yet (run `simsearch index add`)")
         grid = self.index.embedder.embed(image)
-        return score_grid(view.patches, grid, self.index.config.search)
+        floor = REFINE_FROM * cal["pixel_threshold"] if cal and cal.get("pixel_threshold") else None
+        return score_grid(self.index.banks.scorer(view), grid, self.index.config.search, floor)
 
     def query(self, image: str | os.PathLike | np.ndarray | Image) -> QueryResult:
         return self.query_many([image])[0]
@@ -43,7 +51,7 @@ class Inspector:
         decoded = [load_image(image) for image in images]
         view = self.index.banks.view()
         cal, warning = self.index.calibrations.current(view.generation)
-        results = [self.result(img, self.score(img, view), view, cal, warning) for img in decoded]
+        results = [self.result(img, self.score(img, view, cal), view, cal, warning) for img in decoded]
         if cal is not None and self.index.record_queries:
             line, k, n_cal = self._drift_line(cal)
             self.index.query_log.record([(cal["id"], r.score, r.score > line, k, n_cal)

@@ -10,7 +10,9 @@ original. The engine, the eval runner and the bench scripts all score through `s
 `score_grid`.
 
 `bank` below is anything with VectorIndex's `search`, `ntotal`, `spread`, `typical_spread` and
-`spread_neighbours` (simsearch/store/vectors.py).
+`spread_neighbours` (simsearch/store/vectors.py). A bank with `two_stage` set (store/twostage.py) also has
+`coarse_search`, whose distances are upper bounds of `search`'s: `two_stage_neighbours` then decides which
+patches need the full search, so that the image score is the one the full search alone gives.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class PatchScores:
     nearest_ids: np.ndarray  # (N,) int64 id of each patch's nearest reference vector
     nearest_distances: np.ndarray  # (N,) float32 L2 distance to it
     image_score: float  # the mean of the top_k highest discounted patch scores
+    refined: np.ndarray | None = None  # (N,) bool: searched in the whole bank (two-stage banks; None: all were)
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,69 @@ class ScoredImage:
     anomaly_map: np.ndarray  # (H, W) float32 at the image's own resolution
 
 
-def score_vectors(bank, vectors: np.ndarray, search: SearchConfig) -> PatchScores:
+def score_vectors(bank, vectors: np.ndarray, search: SearchConfig, refine_above: float | None = None) -> PatchScores:
     """(N, D) float32 patch vectors of one image -> PatchScores against `bank`, with the search
-    configuration's k neighbours, image top-k and sparse discount."""
-    distances, ids = bank.search(vectors, search.k_neighbours)
+    configuration's k neighbours, image top-k and sparse discount. `refine_above`: on a two-stage bank, patches
+    whose stage-1 score exceeds it are searched fully too (the map near the pixel threshold)."""
+    refined = None
+    if getattr(bank, "two_stage", False):
+        distances, ids, refined = two_stage_neighbours(bank, vectors, search, refine_above)
+    else:
+        distances, ids = bank.search(vectors, search.k_neighbours)
     scores = patch_scores(distances)
     return PatchScores(scores, ids[:, 0].copy(), distances[:, 0].copy(),
-                       discounted_image_score(scores, ids[:, 0], bank, search.image_top_k, search.sparse_discount))
+                       discounted_image_score(scores, ids[:, 0], bank, search.image_top_k, search.sparse_discount),
+                       refined)
+
+
+TOP_MARGIN = 16  # stage 2's first round: image_top_k + this many patches by stage-1 score (docs/benchmarks.md)
+
+
+def refine_candidates(upper: np.ndarray, refined: np.ndarray, level: float, floor: float | None) -> np.ndarray:
+    """(N,) stage-1 patch scores (upper bounds of the full search's), (N,) bool already refined, the `image_top_k`-th
+    highest discounted score among the refined, and an optional floor -> (N,) bool: the unrefined patches that can
+    still matter. One whose upper bound is <= `level` cannot enter the image score's top k (its true score, and
+    discounting only lowers it, is <= level); one above `floor` may shape the map near the pixel threshold."""
+    u = np.asarray(upper, np.float32)
+    need = u > level
+    if floor is not None:
+        need |= u > floor
+    return need & ~np.asarray(refined, bool)
+
+
+def two_stage_neighbours(bank, vectors: np.ndarray, search: SearchConfig,
+                         refine_above: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, D) patch vectors of one image -> (N, k) distances, (N, k) ids and (N,) bool refined, from a two-stage bank.
+
+    Stage 1 (`bank.coarse_search`) for every patch; stage 2 (`bank.search`) for the image_top_k + TOP_MARGIN
+    highest, then for every patch `refine_candidates` still names (with `refine_above` as its floor). With an exact
+    stage 2 the image score equals the full search's (ties aside); unrefined patches keep their stage-1 distances
+    (upper bounds) on the map.
+    """
+    k = search.k_neighbours
+    d, ids = bank.coarse_search(vectors, k)
+    upper = patch_scores(np.where(np.isfinite(d), d, np.float32(3.0e38)))
+    refined = np.zeros(len(upper), bool)
+
+    def refine(mask: np.ndarray) -> None:
+        rows = np.flatnonzero(mask)
+        if len(rows):
+            d2, i2 = bank.search(vectors[rows], k)
+            from .store.twostage import merge_neighbours  # faiss-free callers never get here
+            d[rows], ids[rows] = merge_neighbours(d[rows], ids[rows], d2, i2, k)
+            refined[rows] = True
+
+    n = min(len(upper), search.image_top_k + TOP_MARGIN)
+    first = np.zeros(len(upper), bool)
+    first[np.argpartition(upper, len(upper) - n)[-n:]] = True
+    refine(first)
+    exact = patch_scores(d[refined])
+    top = min(search.image_top_k, len(exact))
+    if search.sparse_discount > 0 and bank.ntotal > bank.spread_neighbours:
+        exact = discounted(exact, bank.spread(ids[refined, 0]), bank.typical_spread(), search.sparse_discount)
+    level = float(np.partition(exact, len(exact) - top)[-top]) if len(exact) >= search.image_top_k else -np.inf
+    refine(refine_candidates(upper, refined, level, refine_above))
+    return d, ids, refined
 
 
 def anomaly_map(grid_scores: np.ndarray, layout, height: int, width: int, sigma: float) -> np.ndarray:
@@ -69,10 +128,11 @@ def anomaly_map(grid_scores: np.ndarray, layout, height: int, width: int, sigma:
     return fine
 
 
-def score_grid(bank, grid, search: SearchConfig) -> ScoredImage:
-    """A PatchGrid (`features` (Hc, Wc, D), `layout`, `original_size`) -> ScoredImage."""
+def score_grid(bank, grid, search: SearchConfig, refine_above: float | None = None) -> ScoredImage:
+    """A PatchGrid (`features` (Hc, Wc, D), `layout`, `original_size`) -> ScoredImage (`refine_above`: see
+    `score_vectors`)."""
     hc, wc = grid.grid_shape
-    scored = score_vectors(bank, grid.features.reshape(hc * wc, -1), search)
+    scored = score_vectors(bank, grid.features.reshape(hc * wc, -1), search, refine_above)
     scores = scored.scores.reshape(hc, wc)
     height, width = grid.original_size
     return ScoredImage(grid=grid, scores=scores, nearest_ids=scored.nearest_ids.reshape(hc, wc),

@@ -83,6 +83,7 @@ def test_embedder_fields():
     {"index_kind": "annoy"},
     {"nprobe": 0},
     {"k_neighbours": 0},
+    {"two_stage": "sometimes"},
 ])
 def test_invalid_values_raise(bad):
     with pytest.raises(ValueError):
@@ -101,7 +102,7 @@ def test_unknown_field_in_from_dict_raises():
 def test_from_dict_fills_missing_fields_with_defaults_or_their_legacy_values():
     # short_side and image_top_k came later: a stored configuration without them meant "native scale, max".
     assert IndexConfig.from_dict({"tile_size": 128, "tile_stride": 64}) == IndexConfig(
-        tile_size=128, tile_stride=64, short_side=None, image_top_k=1, sparse_discount=0.0)
+        tile_size=128, tile_stride=64, short_side=None, image_top_k=1, sparse_discount=0.0, two_stage="off")
 
 
 def test_config_is_frozen():

@@ -22,7 +22,8 @@ from ..errors import IndexDamaged
 from ..faults import crash_point
 from . import bankfiles
 from .catalog import Catalog
-from .vectors import VectorIndex
+from .twostage import scoring_bank
+from .vectors import VectorIndex, uses_two_stage
 
 LOAD_ATTEMPTS = 5
 
@@ -37,11 +38,13 @@ class BankView:
 class BankStore:
     """The committed banks of one index, loaded once per generation and shared by every reader thread."""
 
-    def __init__(self, directory: Path, catalog: Catalog, dim: int, nprobe: int | None):
+    def __init__(self, directory: Path, catalog: Catalog, dim: int, nprobe: int | None, two_stage: str = "off"):
         self.directory = Path(directory)
         self.catalog = catalog
         self.dim = dim
         self.nprobe = nprobe
+        self.two_stage = two_stage  # SearchConfig.two_stage: whether `scorer` wraps the patch bank
+        self._scorer: tuple[int, object] | None = None  # (generation, the bank queries score against)
         self._view: BankView | None = None
         self._pinned: BankView | None = None
         self._lock = threading.Lock()  # one load per generation, even with many reader threads
@@ -81,6 +84,22 @@ class BankStore:
             self._view = view
             return view
         raise IndexDamaged(f"{self.directory}: the bank kept changing while being read; try again")
+
+    def scorer(self, view: BankView):
+        """The bank `view`'s queries score against: its patch bank, or over 'auto' / 'on' a two-stage search of it
+        (store/twostage.py), built once per generation (its spread table: about 20 s per million vectors)."""
+        if not uses_two_stage(self.two_stage, view.patches.ntotal) or getattr(view.patches, "two_stage", False):
+            return view.patches
+        with self._lock:
+            cached = self._scorer
+            if cached is None or cached[0] != view.generation or getattr(cached[1], "bank", cached[1]) is not view.patches:
+                cached = (view.generation, self.scorer_for(view.patches, view.images, self.catalog.vector_owners))
+                self._scorer = cached
+            return cached[1]
+
+    def scorer_for(self, patches: VectorIndex, images: VectorIndex, owners):
+        """`scoring_bank` of these banks under this store's setting (a calibration fold's, too)."""
+        return scoring_bank(patches, images, owners, self.two_stage)
 
     def pin(self, view: BankView) -> None:
         """Answer every read with `view` from now on, whatever the catalog says: a benchmark's seam for

@@ -38,6 +38,7 @@ from .kinds import (HNSW_BUILD_BREADTH, HNSW_LINKS, HNSW_SEARCH_BREADTH, ID_BYTE
 
 APPROX_FROM = 200_000  # bank size from which "auto" switches from exact to an approximate index
 AUTO_APPROX_KIND = "ivf-sq8"  # what "auto" picks from APPROX_FROM vectors (see docs/benchmarks.md)
+TWO_STAGE_FROM = APPROX_FROM  # bank size from which two_stage "auto" searches in two stages (store/twostage.py)
 KINDS = ("auto",) + tuple(KIND_STRATEGIES)  # ("auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq", "hnsw")
 IVF_KINDS = tuple(name for name, kind in KIND_STRATEGIES.items() if kind.needs_training)
 LOSSY_KINDS = tuple(name for name, kind in KIND_STRATEGIES.items() if kind.lossy)  # stored vectors approximated
@@ -375,6 +376,14 @@ def fsync_directory(directory: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def uses_two_stage(setting: str, n_vectors: int) -> bool:
+    """Whether a bank of `n_vectors` is searched in two stages under SearchConfig.two_stage `setting`
+    ("on", "off", or "auto": from `TWO_STAGE_FROM` vectors, where docs/benchmarks.md measured it faster)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"two stage must be auto, on or off, got {setting!r}")
+    return setting == "on" or (setting == "auto" and n_vectors >= TWO_STAGE_FROM)
 
 
 def choose_kind(requested: str, n_vectors: int) -> str:
