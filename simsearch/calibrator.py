@@ -51,6 +51,12 @@ class GoodMeasure:
 FOLD_ORDERS = ("capture", "interleaved")
 
 
+def check_fold_order(order: str) -> None:
+    """BadInput unless `order` is one of FOLD_ORDERS (see fold_of)."""
+    if order not in FOLD_ORDERS:
+        raise BadInput(f"fold order must be one of {', '.join(FOLD_ORDERS)}, got {order!r}")
+
+
 def capture_key(path: str) -> list:
     """Sort key of a file path in capture order: its digit runs compared as numbers ("part_9" < "part_10"),
     since cameras and line software name images by date, batch and counter."""
@@ -63,11 +69,10 @@ def fold_of(paths: list, folds: int, order: str = "capture") -> np.ndarray:
     "capture": contiguous runs in capture order (capture_key), so a fold is mostly one batch and is scored
     against a bank without its batch, as a new batch's good parts will be; "interleaved": every folds-th
     image in the given order (neighbours of one batch spread over all folds, which hides batch shift)."""
+    check_fold_order(order)
     n = len(paths)
     if order == "interleaved":
         return np.arange(n) % folds
-    if order != "capture":
-        raise BadInput(f"fold order must be one of {', '.join(FOLD_ORDERS)}, got {order!r}")
     ranked = sorted(range(n), key=lambda i: capture_key(paths[i]))
     fold = np.empty(n, np.int64)
     fold[ranked] = np.arange(n) * folds // max(n, 1)  # n // folds images per fold, the rest spread evenly
@@ -131,6 +136,7 @@ class Calibrator:
                        new_rows: dict | None = None) -> list[GoodMeasure]:
         """Calibration images scored against the whole bank (one measure per distinct image)."""
         _ids, pooled = view.images.all_vectors()
+        bank = self.index.banks.scorer(view)
         measures, seen = [], set()
         for i, path in enumerate(files):
             if progress:
@@ -139,7 +145,7 @@ class Calibrator:
             if img.sha256 in seen:
                 continue  # the same image under another name: one score, not two
             seen.add(img.sha256)
-            measures.append(self._measure(img, self.index.banks.scorer(view), pooled, area))
+            measures.append(self._measure(img, bank, pooled, area))
             if new_rows is not None:
                 new_rows[img.sha256] = dict(path=os.path.abspath(path), sha256=img.sha256, width=img.width,
                                             height=img.height, added_at=time.time())
@@ -216,8 +222,7 @@ class Calibrator:
         the bank (`folds`, in `fold_order`: see fold_of); see the module docstring and calibration.py."""
         if not 0 < target_fpr < 1:
             raise BadInput(f"target false-positive rate must be in (0, 1), got {target_fpr}")
-        if fold_order not in FOLD_ORDERS:
-            raise BadInput(f"fold order must be one of {', '.join(FOLD_ORDERS)}, got {fold_order!r}")
+        check_fold_order(fold_order)  # before any work
         if folds is not None and (good or folds < 2):
             raise BadInput("--folds takes no good images (it scores the bank's own) and needs K >= 2"
                            if good else f"--folds must be >= 2, got {folds}")

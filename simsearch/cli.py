@@ -572,11 +572,11 @@ def eval_command(
     from .evaluation.report_page import write_eval_report
     from .report import eval_table_rows, markdown_table
 
-    from .calibrator import FOLD_ORDERS
+    from .calibrator import check_fold_order
     if method not in METHODS:
         fail(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    if fold_order not in FOLD_ORDERS:
-        fail(f"--fold-order must be one of {', '.join(FOLD_ORDERS)}, got {fold_order!r}")
+    with user_errors():
+        check_fold_order(fold_order)
     tuning = None
     if finetune:
         if method != "patchcore":

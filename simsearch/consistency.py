@@ -22,6 +22,7 @@ from .ingest import grown, pooled_vector
 from .records import Progress
 from .store import bankfiles
 from .store.banks import BankView, bank_diff
+from .store.twostage import unit_mean
 from .store.vectors import VectorIndex
 from .tiling import scaled_size
 
@@ -211,5 +212,4 @@ class Checker:
         if exact and (bank.lossy or not every_cell):
             return None, None
         order = np.lexsort((cells[:, 2], cells[:, 1]))  # row-major, as the embedder's grid: the same float sums
-        mean = bank.reconstruct(cells[order, 0]).mean(axis=0)
-        return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32), "taken from the patch bank"
+        return unit_mean(bank.reconstruct(cells[order, 0])), "taken from the patch bank"
