@@ -25,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 CACHE = ROOT / "bench" / ".cache" / "sweep"
+GRIDS = ROOT / "bench" / ".cache" / "sweep_grids"
 
 
 def parse_setting(text: str) -> tuple[str, object]:
@@ -40,7 +41,8 @@ def parse_setting(text: str) -> tuple[str, object]:
 
 def sweep_category(category, settings: dict, top_ks: list[int], train_every: int, test_every: int,
                    kind: str = "flat", blurs: list[float] | None = None,
-                   top_fractions: list[float] | None = None, density: bool = False) -> dict:
+                   top_fractions: list[float] | None = None, density: bool = False,
+                   save_to: Path | None = None) -> dict:
     from simsearch.engine import Engine
     from simsearch.evaluation import metrics
     from simsearch.evaluation.datasets import load_mask
@@ -62,6 +64,7 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
         labels, grids, maps, masks = [], [], [], []
         raw_maps = []  # patch scores and layouts, for the other blur sigmas
         spreads = []
+        engine_scores = []  # the engine's image scores (discounted top-k), for --save-grids
         for sample in samples:
             image = load_image(sample.path)
             grid = embedder.embed(image)
@@ -76,10 +79,17 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
             if blurs:
                 raw_maps.append((scores, grid.layout, image.height, image.width))
             labels.append(sample.label)
+            engine_scores.append(scored.score)
             grids.append(scores)
             maps.append(amap)
             masks.append(load_mask(sample, amap.shape))
         seconds["test"] = time.perf_counter() - start
+        if save_to is not None:  # per-image results, so that score ensembles can be measured offline
+            save_to.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(save_to, labels=np.asarray(labels), scores=np.asarray(engine_scores, np.float32),
+                                typical=np.float32(index.typical_spread()),
+                                **{f"map{i}": m.astype(np.float16) for i, m in enumerate(maps)},
+                                **{f"mask{i}": np.asarray(m, np.uint8) for i, m in enumerate(masks)})
         engine.close()
     labels = np.asarray(labels)
     row = {"n_bank": int(len(vectors)), "n_test": len(samples), "seconds": {k: round(v, 1) for k, v in seconds.items()},
@@ -212,6 +222,8 @@ def main() -> None:
     parser.add_argument("--blur", type=float, nargs="*", help="also pixel metrics at these map blur sigmas")
     parser.add_argument("--layer-neighbourhoods", help="one window per layer, e.g. 1,3 (overrides neighbourhood)")
     parser.add_argument("--concat-neighbourhoods", help="patch vectors at several windows side by side, e.g. 1,3")
+    parser.add_argument("--save-grids", action="store_true", help="also keep each image's score and map under "
+                        "bench/.cache/sweep_grids/ (for bench/ensemble.py)")
     parser.add_argument("--kind", default="flat", help="bank index kind (ivf-flat makes big banks affordable)")
     args = parser.parse_args()
     if args.write:
@@ -249,13 +261,14 @@ def main() -> None:
                          + (["density-variants"] if args.density else []),
                          sort_keys=True, default=list)
         path = CACHE / args.dataset / name / f"{label}.{hashlib.sha256(key.encode()).hexdigest()[:8]}.json"
-        if path.exists():
+        grids = GRIDS / path.relative_to(CACHE).with_suffix(".npz") if args.save_grids else None
+        if path.exists() and (grids is None or grids.exists()):
             row = json.loads(path.read_text())
         else:
             config_settings = {k: v for k, v in settings.items() if not k.startswith("neighbourhood_")}
             row = sweep_category(load_category(root, name), config_settings, args.top_k, args.train_every,
                                  args.test_every, args.kind, args.blur, args.top_fraction,
-                                 args.density)
+                                 args.density, grids)
             row["run"] = {"dataset": args.dataset, "category": name, "label": label, "set": args.set,
                           "config": embedder.to_dict(),
                           "kind": args.kind, "train_every": args.train_every, "test_every": args.test_every}

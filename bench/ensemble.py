@@ -1,0 +1,96 @@
+"""Score ensembles of sweep configurations, measured offline from the per-image results `bench/sweep.py
+--save-grids` keeps (bench/.cache/sweep_grids/): no image is embedded or searched again.
+
+Each member's image scores and maps are divided by its bank's typical spread (the median distance between
+neighbouring good patches: a scale from the train images alone, so no test image sets a weight), then
+combined by their mean (or max). Members must come from runs with the same test subsampling.
+
+    .venv/bin/python bench/ensemble.py --dataset piped --member default --member short_side=160+neighbourhood=3
+
+A member is a sweep label (the file name before its hash); `--list` shows those kept for a dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+GRIDS = ROOT / "bench" / ".cache" / "sweep_grids"
+RESULTS = ROOT / "bench" / ".cache" / "ensemble.jsonl"
+
+
+def member_files(dataset: str, label: str) -> dict[str, Path]:
+    """category -> the npz of sweep label `label` (the newest if several subsamplings were kept)."""
+    out = {}
+    for path in sorted(GRIDS.glob(f"{dataset}/*/{label}.*.npz"), key=lambda p: p.stat().st_mtime):
+        if path.name.rsplit(".", 2)[0] == label:
+            out[path.parent.name] = path
+    return out
+
+
+def load(path: Path) -> dict:
+    z = np.load(path)
+    n = len(z["labels"])
+    return {"labels": z["labels"], "scores": z["scores"].astype(np.float64), "typical": float(z["typical"]),
+            "maps": [z[f"map{i}"].astype(np.float32) for i in range(n)],
+            "masks": [z[f"mask{i}"].astype(bool) for i in range(n)]}
+
+
+def combine(members: list[dict], how: str) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Members of one category -> (image scores, maps), each member scaled by 1 / its typical spread."""
+    scores = np.stack([m["scores"] / m["typical"] for m in members])
+    reduce = np.mean if how == "mean" else np.max
+    maps = [reduce(np.stack([m["maps"][i] / m["typical"] for m in members]), axis=0)
+            for i in range(len(members[0]["maps"]))]
+    return reduce(scores, axis=0), maps
+
+
+def evaluate(dataset: str, labels: list[str], how: str) -> dict:
+    from simsearch.evaluation import metrics
+
+    files = [member_files(dataset, label) for label in labels]
+    categories = sorted(set.intersection(*(set(f) for f in files)))
+    if not categories:
+        raise SystemExit(f"no category has every member: {labels}")
+    per = {}
+    for category in categories:
+        members = [load(f[category]) for f in files]
+        for m in members[1:]:
+            if not np.array_equal(m["labels"], members[0]["labels"]):
+                raise SystemExit(f"{category}: members scored different test images")
+        scores, maps = combine(members, how)
+        y = members[0]["labels"]
+        masks = members[0]["masks"]
+        has_masks = any(mask.any() for mask in masks)
+        per[category] = {"image_auroc": metrics.image_auroc(y, scores),
+                         "pixel_auroc": metrics.pixel_auroc(masks, maps) if has_masks else None,
+                         "aupro": metrics.aupro(masks, maps, max_fpr=0.3) if has_masks else None}
+    mean = {k: float(np.mean([r[k] for r in per.values() if r[k] is not None]))
+            for k in ("image_auroc", "pixel_auroc", "aupro") if any(r[k] is not None for r in per.values())}
+    return {"dataset": dataset, "members": labels, "how": how, "categories": len(per), "mean": mean,
+            "per_category": per}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--member", action="append", default=[])
+    parser.add_argument("--how", choices=("mean", "max"), default="mean")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args()
+    if args.list:
+        for path in sorted({p.name.rsplit(".", 2)[0] for p in GRIDS.glob(f"{args.dataset}/*/*.npz")}):
+            print(path)
+        return
+    result = evaluate(args.dataset, args.member, args.how)
+    with RESULTS.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(json.dumps({k: result[k] for k in ("dataset", "members", "how", "categories")}),
+          {k: round(v, 4) for k, v in result["mean"].items()})
+
+
+if __name__ == "__main__":
+    main()
