@@ -3,7 +3,7 @@
 
 Each member's image scores and maps are divided by its bank's typical spread (the median distance between
 neighbouring good patches: a scale from the train images alone, so no test image sets a weight), then
-combined by their mean (or max). Members must come from runs with the same test subsampling.
+combined by their mean (weighted with `--weight`) or max. Members must come from runs with the same test subsampling.
 
     .venv/bin/python bench/ensemble.py --dataset piped --member default --member short_side=160+neighbourhood=3
 
@@ -39,16 +39,24 @@ def load(path: Path) -> dict:
             "masks": [z[f"mask{i}"].astype(bool) for i in range(n)]}
 
 
-def combine(members: list[dict], how: str) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Members of one category -> (image scores, maps), each member scaled by 1 / its typical spread."""
-    scores = np.stack([m["scores"] / m["typical"] for m in members])
-    reduce = np.mean if how == "mean" else np.max
-    maps = [reduce(np.stack([m["maps"][i] / m["typical"] for m in members]), axis=0)
+def combine(members: list[dict], how: str, weights: list[float] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Members of one category -> (image scores, maps), each member scaled by 1 / its typical spread; `weights`
+    (one a member, mean only) make the mean a weighted one."""
+    w = np.asarray(weights if weights else [1.0] * len(members), np.float64)
+    w = (w / w.sum())[:, None]
+
+    def reduce(stack: np.ndarray) -> np.ndarray:  # (members, ...) -> (...)
+        if how == "max":
+            return stack.max(axis=0)
+        return (stack.reshape(len(members), -1) * w).sum(axis=0).reshape(stack.shape[1:])
+
+    scores = reduce(np.stack([m["scores"] / m["typical"] for m in members]))
+    maps = [reduce(np.stack([m["maps"][i] / m["typical"] for m in members])).astype(np.float32)
             for i in range(len(members[0]["maps"]))]
-    return reduce(scores, axis=0), maps
+    return scores, maps
 
 
-def evaluate(dataset: str, labels: list[str], how: str) -> dict:
+def evaluate(dataset: str, labels: list[str], how: str, weights: list[float] | None = None) -> dict:
     from simsearch.evaluation import metrics
 
     files = [member_files(dataset, label) for label in labels]
@@ -61,7 +69,7 @@ def evaluate(dataset: str, labels: list[str], how: str) -> dict:
         for m in members[1:]:
             if not np.array_equal(m["labels"], members[0]["labels"]):
                 raise SystemExit(f"{category}: members scored different test images")
-        scores, maps = combine(members, how)
+        scores, maps = combine(members, how, weights)
         y = members[0]["labels"]
         masks = members[0]["masks"]
         has_masks = any(mask.any() for mask in masks)
@@ -70,7 +78,7 @@ def evaluate(dataset: str, labels: list[str], how: str) -> dict:
                          "aupro": metrics.aupro(masks, maps, max_fpr=0.3) if has_masks else None}
     mean = {k: float(np.mean([r[k] for r in per.values() if r[k] is not None]))
             for k in ("image_auroc", "pixel_auroc", "aupro") if any(r[k] is not None for r in per.values())}
-    return {"dataset": dataset, "members": labels, "how": how, "categories": len(per), "mean": mean,
+    return {"dataset": dataset, "members": labels, "how": how, "weights": weights, "categories": len(per), "mean": mean,
             "per_category": per}
 
 
@@ -79,16 +87,19 @@ def main() -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--member", action="append", default=[])
     parser.add_argument("--how", choices=("mean", "max"), default="mean")
+    parser.add_argument("--weight", type=float, action="append", help="one per --member, in order (mean only)")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     if args.list:
         for path in sorted({p.name.rsplit(".", 2)[0] for p in GRIDS.glob(f"{args.dataset}/*/*.npz")}):
             print(path)
         return
-    result = evaluate(args.dataset, args.member, args.how)
+    if args.weight and (len(args.weight) != len(args.member) or args.how != "mean"):
+        raise SystemExit("give one --weight per --member, with --how mean")
+    result = evaluate(args.dataset, args.member, args.how, args.weight)
     with RESULTS.open("a") as f:
         f.write(json.dumps(result) + "\n")
-    print(json.dumps({k: result[k] for k in ("dataset", "members", "how", "categories")}),
+    print(json.dumps({k: result[k] for k in ("dataset", "members", "how", "weights", "categories")}),
           {k: round(v, 4) for k, v in result["mean"].items()})
 
 

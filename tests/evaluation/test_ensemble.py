@@ -61,3 +61,13 @@ def test_members_of_other_test_images_are_refused(grids):
     np.savez_compressed(path, **data)
     with pytest.raises(SystemExit, match="different test images"):
         ensemble.evaluate("toy", ["small", "big"], "mean")
+
+
+def test_weights_make_a_weighted_mean_of_the_scaled_members(grids):
+    members = [ensemble.load(ensemble.member_files("toy", name)["cat"]) for name in ("small", "big")]
+    scores, maps = ensemble.combine(members, "mean", [3.0, 1.0])
+    np.testing.assert_allclose(scores, 0.75 * members[0]["scores"] + 0.25 * members[1]["scores"] / 50.0, rtol=1e-6)
+    np.testing.assert_allclose(maps[0], 0.75 * members[0]["maps"][0] + 0.25 * members[1]["maps"][0] / 50.0,
+                               rtol=1e-5)
+    only_first = ensemble.combine(members, "mean", [1.0, 0.0])[0]
+    np.testing.assert_allclose(only_first, members[0]["scores"], rtol=1e-6)
