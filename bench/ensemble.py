@@ -56,7 +56,9 @@ def combine(members: list[dict], how: str, weights: list[float] | None = None) -
     return scores, maps
 
 
-def evaluate(dataset: str, labels: list[str], how: str, weights: list[float] | None = None) -> dict:
+def evaluate(dataset: str, labels: list[str], how: str, weights: list[float] | None = None,
+             center: bool = False) -> dict:
+    """`center`: each combined map minus its own median (does a per-image offset hide the defects?)."""
     from simsearch.evaluation import metrics
 
     files = [member_files(dataset, label) for label in labels]
@@ -70,6 +72,8 @@ def evaluate(dataset: str, labels: list[str], how: str, weights: list[float] | N
             if not np.array_equal(m["labels"], members[0]["labels"]):
                 raise SystemExit(f"{category}: members scored different test images")
         scores, maps = combine(members, how, weights)
+        if center:
+            maps = [m - np.median(m) for m in maps]
         y = members[0]["labels"]
         masks = members[0]["masks"]
         has_masks = any(mask.any() for mask in masks)
@@ -78,7 +82,7 @@ def evaluate(dataset: str, labels: list[str], how: str, weights: list[float] | N
                          "aupro": metrics.aupro(masks, maps, max_fpr=0.3) if has_masks else None}
     mean = {k: float(np.mean([r[k] for r in per.values() if r[k] is not None]))
             for k in ("image_auroc", "pixel_auroc", "aupro") if any(r[k] is not None for r in per.values())}
-    return {"dataset": dataset, "members": labels, "how": how, "weights": weights, "categories": len(per), "mean": mean,
+    return {"dataset": dataset, "members": labels, "how": how, "weights": weights, "center": center, "categories": len(per), "mean": mean,
             "per_category": per}
 
 
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("--member", action="append", default=[])
     parser.add_argument("--how", choices=("mean", "max"), default="mean")
     parser.add_argument("--weight", type=float, action="append", help="one per --member, in order (mean only)")
+    parser.add_argument("--center", action="store_true", help="each map minus its median before the pixel metrics")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     if args.list:
@@ -96,10 +101,10 @@ def main() -> None:
         return
     if args.weight and (len(args.weight) != len(args.member) or args.how != "mean"):
         raise SystemExit("give one --weight per --member, with --how mean")
-    result = evaluate(args.dataset, args.member, args.how, args.weight)
+    result = evaluate(args.dataset, args.member, args.how, args.weight, args.center)
     with RESULTS.open("a") as f:
         f.write(json.dumps(result) + "\n")
-    print(json.dumps({k: result[k] for k in ("dataset", "members", "how", "weights", "categories")}),
+    print(json.dumps({k: result[k] for k in ("dataset", "members", "how", "weights", "center", "categories")}),
           {k: round(v, 4) for k, v in result["mean"].items()})
 
 
