@@ -1,9 +1,10 @@
 """Score ensembles of sweep configurations, measured offline from the per-image results `bench/sweep.py
 --save-grids` keeps (bench/.cache/sweep_grids/): no image is embedded or searched again.
 
-Each member's image scores and maps are divided by its bank's typical spread (the median distance between
-neighbouring good patches: a scale from the train images alone, so no test image sets a weight), then
-combined by their mean (weighted with `--weight`) or max. Members must come from runs with the same test subsampling.
+Each member's image scores and maps are divided by its bank's typical spread (`VectorIndex.typical_spread`: the
+median over bank vectors of the mean distance to their nearest good neighbours, a scale from the train images
+alone, so no test image sets a weight), then combined by their mean (weighted with `--weight`) or max. Members
+must come from runs with the same test subsampling.
 
     .venv/bin/python bench/ensemble.py --dataset piped --member default --member short_side=160+neighbourhood=3
 
@@ -17,16 +18,21 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-GRIDS = ROOT / "bench" / ".cache" / "sweep_grids"
+from sweep import GRIDS, ROOT  # where sweep.py --save-grids writes
+
 RESULTS = ROOT / "bench" / ".cache" / "ensemble.jsonl"
+
+
+def label_of(path: Path) -> str:
+    """`LABEL.HASH.npz` -> LABEL (a label may hold dots, as in blur=0.5)."""
+    return path.name.rsplit(".", 2)[0]
 
 
 def member_files(dataset: str, label: str) -> dict[str, Path]:
     """category -> the npz of sweep label `label` (the newest if several subsamplings were kept)."""
     out = {}
     for path in sorted(GRIDS.glob(f"{dataset}/*/{label}.*.npz"), key=lambda p: p.stat().st_mtime):
-        if path.name.rsplit(".", 2)[0] == label:
+        if label_of(path) == label:
             out[path.parent.name] = path
     return out
 
@@ -43,12 +49,10 @@ def combine(members: list[dict], how: str, weights: list[float] | None = None) -
     """Members of one category -> (image scores, maps), each member scaled by 1 / its typical spread; `weights`
     (one a member, mean only) make the mean a weighted one."""
     w = np.asarray(weights if weights else [1.0] * len(members), np.float64)
-    w = (w / w.sum())[:, None]
+    w = w / w.sum()
 
     def reduce(stack: np.ndarray) -> np.ndarray:  # (members, ...) -> (...)
-        if how == "max":
-            return stack.max(axis=0)
-        return (stack.reshape(len(members), -1) * w).sum(axis=0).reshape(stack.shape[1:])
+        return stack.max(axis=0) if how == "max" else np.tensordot(w, stack, axes=1)
 
     scores = reduce(np.stack([m["scores"] / m["typical"] for m in members]))
     maps = [reduce(np.stack([m["maps"][i] / m["typical"] for m in members])).astype(np.float32)
@@ -82,8 +86,8 @@ def evaluate(dataset: str, labels: list[str], how: str, weights: list[float] | N
                          "aupro": metrics.aupro(masks, maps, max_fpr=0.3) if has_masks else None}
     mean = {k: float(np.mean([r[k] for r in per.values() if r[k] is not None]))
             for k in ("image_auroc", "pixel_auroc", "aupro") if any(r[k] is not None for r in per.values())}
-    return {"dataset": dataset, "members": labels, "how": how, "weights": weights, "center": center, "categories": len(per), "mean": mean,
-            "per_category": per}
+    return {"dataset": dataset, "members": labels, "how": how, "weights": weights, "center": center,
+            "categories": len(per), "mean": mean, "per_category": per}
 
 
 def main() -> None:
@@ -96,8 +100,8 @@ def main() -> None:
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     if args.list:
-        for path in sorted({p.name.rsplit(".", 2)[0] for p in GRIDS.glob(f"{args.dataset}/*/*.npz")}):
-            print(path)
+        for label in sorted({label_of(p) for p in GRIDS.glob(f"{args.dataset}/*/*.npz")}):
+            print(label)
         return
     if args.weight and (len(args.weight) != len(args.member) or args.how != "mean"):
         raise SystemExit("give one --weight per --member, with --how mean")
