@@ -519,7 +519,7 @@ def top_patches(scores: np.ndarray, nearest_ids: np.ndarray, bank, search, n: in
     return top[np.argsort(d)[-n:]]
 
 
-TWO_STAGE_VARIANTS = ("exact", "two-stage/ivf-sq8", "two-stage/flat")
+TWO_STAGE_VARIANTS = ("exact", "two-stage/ivf-sq8", "two-stage/flat", "two-stage/hnsw")
 
 
 def step_twostage_accuracy() -> dict:

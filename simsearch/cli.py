@@ -56,6 +56,9 @@ IndexKindOpt = Annotated[Optional[str], typer.Option(help="auto (exact below 200
 NprobeOpt = Annotated[Optional[int], typer.Option(help="How widely an approximate bank searches: IVF lists per patch "
                                                   "(default: 2 x the square root of the number of lists, at least "
                                                   "32), or hnsw's efSearch (default 128).")]
+TwoStageOpt = Annotated[Optional[str], typer.Option(help="Search in two stages (nearest reference images first, the "
+                                                     "whole bank only for the patches that matter): auto (from "
+                                                     "200,000 patch vectors), on or off (the default).")]
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -145,6 +148,7 @@ def index_add(
     dims: Annotated[Optional[int], typer.Option(help="Reduce patch vectors to this many dimensions.")] = None,
     index_kind: IndexKindOpt = None,
     nprobe: NprobeOpt = None,
+    two_stage: TwoStageOpt = None,
     recalibrate: RecalibrateFlag = True,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Embed on a Ray cluster: 'local' (this machine's "
                                                              "cores) or its address (ray://HOST:10001). Needs "
@@ -158,7 +162,7 @@ def index_add(
 
     options = {k: v for k, v in dict(backbone=backbone, weights=weights, scale=scale, short_side=short_side,
                                      tile_size=tile_size, tile_stride=tile_stride, dims=dims, index_kind=index_kind,
-                                     nprobe=nprobe).items()
+                                     nprobe=nprobe, two_stage=two_stage).items()
                if v is not None}
     dir_existed, index_existed = index.exists(), Engine.exists(index)
     try:
@@ -551,6 +555,7 @@ def eval_command(
     backbone: BackboneOpt = None,
     index_kind: IndexKindOpt = None,
     nprobe: NprobeOpt = None,
+    two_stage: TwoStageOpt = None,
     coreset: Annotated[Optional[float], typer.Option(help="Keep this fraction of train/good's patch vectors "
                                                       "(greedy k-center coreset).")] = None,
     workdir: Annotated[Optional[Path], typer.Option(help="Where the temporary indexes go.")] = None,
@@ -586,7 +591,8 @@ def eval_command(
             tuning = FinetuneSettings(loss=finetune_loss, steps=finetune_steps, seed=finetune_seed)
     label = method if tuning is None else f"{method}, fine-tuned: {tuning.loss}, {tuning.steps} steps"
     settings = {k: v for k, v in dict(scale=scale, short_side=short_side, tile_size=tile_size,
-                                      backbone=backbone, index_kind=index_kind, nprobe=nprobe).items()
+                                      backbone=backbone, index_kind=index_kind, nprobe=nprobe,
+                                      two_stage=two_stage).items()
                 if v is not None}
     results = []
     with user_errors():

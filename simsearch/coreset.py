@@ -16,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import faiss
 import numpy as np
 
 from .errors import BadInput
+from .runtime import tuned_faiss
+
+faiss = tuned_faiss()
 
 CHUNK = 65_536  # rows per block when comparing against an existing bank or measuring coverage
 

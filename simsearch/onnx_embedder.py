@@ -54,6 +54,9 @@ class OnnxEmbedder(TileEmbedder):
         options = ort.SessionOptions()
         options.intra_op_num_threads = configure_threads(threads)  # the same count for faiss
         options.inter_op_num_threads = 1
+        # Idle workers sleep rather than spin after a run: faiss's search follows every forward in a query, and
+        # spinning workers held both cores from it (docs/benchmarks.md, "Spinning threads after the forward").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.config = config
         self.model_file = Path(model_file)
         self.session = ort.InferenceSession(str(self.model_file), options, providers=["CPUExecutionProvider"])

@@ -11,8 +11,9 @@ original. The engine, the eval runner and the bench scripts all score through `s
 
 `bank` below is anything with VectorIndex's `search`, `ntotal`, `spread`, `typical_spread` and
 `spread_neighbours` (simsearch/store/vectors.py). A bank with `two_stage` set (store/twostage.py) also has
-`coarse_search`, whose distances are upper bounds of `search`'s: `two_stage_neighbours` then decides which
-patches need the full search, so that the image score is the one the full search alone gives.
+`coarse_search`, whose distances are upper bounds of `search`'s, and `refine` (the full search, told stage 1's
+answers): `two_stage_neighbours` then decides which patches need it, so that the image score is the one the full
+search alone gives.
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ def two_stage_neighbours(bank, vectors: np.ndarray, search: SearchConfig,
                          refine_above: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, D) patch vectors of one image -> (N, k) distances, (N, k) ids and (N,) bool refined, from a two-stage bank.
 
-    Stage 1 (`bank.coarse_search`) for every patch; stage 2 (`bank.search`) for the image_top_k + TOP_MARGIN
+    Stage 1 (`bank.coarse_search`) for every patch; stage 2 (`bank.refine`) for the image_top_k + TOP_MARGIN
     highest, then for every patch `refine_candidates` still names (with `refine_above` as its floor). With an exact
     stage 2 the image score equals the full search's (ties aside); unrefined patches keep their stage-1 distances
     (upper bounds) on the map.
@@ -95,7 +96,7 @@ def two_stage_neighbours(bank, vectors: np.ndarray, search: SearchConfig,
     def refine(mask: np.ndarray) -> None:
         rows = np.flatnonzero(mask)
         if len(rows):
-            d2, i2 = bank.search(vectors[rows], k)
+            d2, i2 = bank.refine(vectors[rows], d[rows], ids[rows], k)
             from .store.twostage import merge_neighbours  # faiss-free callers never get here
             d[rows], ids[rows] = merge_neighbours(d[rows], ids[rows], d2, i2, k)
             refined[rows] = True

@@ -110,8 +110,13 @@ def test_index_kind_and_nprobe_are_fixed_at_creation_and_bad_values_refused(tmp_
               "--nprobe", "40", index=graph)
     info = json.loads(simsearch("index", "info", "--json", index=graph).stdout)
     assert info["bank_kind"] == "hnsw" and info["nprobe"] == 40
+    staged = tmp_path / "staged"  # the two-stage search is chosen at creation too
+    simsearch("index", "add", *map(str, sorted((PIPED / "train" / "good").iterdir())[:2]), "--two-stage", "on",
+              index=staged)
+    assert json.loads(simsearch("index", "info", "--json", index=staged).stdout)["config"]["two_stage"] == "on"
     for option, value, message in (("--nprobe", "0", "nprobe must be >= 1"),
-                                   ("--index-kind", "annoy", "index kind must be one of")):
+                                   ("--index-kind", "annoy", "index kind must be one of"),
+                                   ("--two-stage", "maybe", "two stage must be auto, on or off")):
         proc = subprocess.run([sys.executable, "-m", "simsearch.cli", "eval", str(PIPED), option, value],
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -52,6 +52,12 @@ def sealed(index, tmp_path_factory) -> Path:
     return out
 
 
+def test_onnx_workers_sleep_between_runs_so_the_search_gets_the_cores(index):
+    with Engine.open(index) as engine:
+        options = engine.embedder.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_onnx_and_torch_give_the_same_verdicts_and_scores_within_0_1_percent(index):
     tests = [str(p) for p in piped_test("good") + piped_test("impurity")]
     onnx = records(cli("query", *tests, "--index", index, "--json"))

@@ -41,3 +41,13 @@ def test_importing_simsearch_sets_a_passive_wait_policy_unless_told_otherwise():
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
+
+
+def test_loading_the_index_code_turns_on_faiss_exact_search_blas_path():
+    # faiss 1.15 defaults to its per-query loop below 128,000 queries; a fresh process shows what ours sets
+    code = ("import faiss; before = faiss.cvar.distance_compute_blas_threshold; import simsearch.store.vectors; "
+            "from simsearch.runtime import BLAS_FROM_QUERIES as b; "
+            "print(before, faiss.cvar.distance_compute_blas_threshold, b)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after, wanted = map(int, out.stdout.split())
+    assert after == wanted < before

@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 from typing import Iterator
 
-import faiss
 import numpy as np
+
+from ..runtime import tuned_faiss
+
+faiss = tuned_faiss()
 
 ID_BYTES = 8  # an int64 id per stored vector (the IDMap's id array, or an inverted list's ids)
 HNSW_LINKS = 32  # faiss's M: links per vector on each upper level, twice that on the base level
@@ -71,6 +74,23 @@ def _ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
     return None
 
 
+def direct_l2(queries: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """(M, D) queries and (M, k, D) vectors -> (M, k) float32 L2 distances from the differences themselves.
+
+    faiss's BLAS path (`runtime.BLAS_FROM_QUERIES`) computes |x|^2 + |q|^2 - 2 x.q, which loses the last digits where
+    x and q are close: a stored image searched against its own bank scored 0.05 instead of 0. Which neighbours it
+    finds is fine; their distances are recomputed here (k x D per query, nothing next to the search).
+    """
+    diff = np.asarray(neighbours, np.float32) - np.asarray(queries, np.float32)[:, None, :]
+    return np.sqrt(np.einsum("mkd,mkd->mk", diff, diff)).astype(np.float32)
+
+
+def sort_rows(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M, k) distances and ids -> both with each row in ascending distance (stable)."""
+    order = np.argsort(distances, axis=1, kind="stable")
+    return np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
+
+
 class IndexKind:
     """One kind of faiss index: how to build it and what of it differs between kinds.
 
@@ -80,6 +100,7 @@ class IndexKind:
 
     name = "?"
     lossy = False  # the index stores approximations of the vectors added (search sees those)
+    blas_distances = False  # its search's distances come from faiss's BLAS path: `direct_l2` recomputes them
     needs_training = False  # `build` needs training vectors (N, dim)
 
     def build(self, dim: int, training: np.ndarray | None = None, nlist: int | None = None) -> faiss.Index:
@@ -132,6 +153,15 @@ class IndexKind:
     def prepare_reconstruct(self, index: faiss.Index) -> None:
         """Make `index.reconstruct_batch` by id possible (called under the caller's lock)."""
 
+    walks_graph = False  # `search_from` can start at given stored vectors (hnsw)
+
+    def search_from(self, index: faiss.Index, queries: np.ndarray, k: int, starts: np.ndarray,
+                    start_d2: np.ndarray, breadth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(M, D) float32 queries, (M,) int32 storage positions to start from and (M,) float32 squared distances to
+        them -> (M, k) squared distances and storage positions (-1 = none), found by a walk of `breadth`
+        candidates from there. Only for `walks_graph` kinds."""
+        raise NotImplementedError(f"{self.name}: no graph to walk")
+
     def remove(self, index: faiss.Index, ids: np.ndarray) -> tuple[faiss.Index, int]:
         """Remove (n,) int64 `ids`: (the index now holding the rest, how many were removed). The index is
         `index` itself, changed in place, unless the kind cannot remove in place (hnsw)."""
@@ -155,6 +185,7 @@ class FlatKind(_IdMapKind):
     """Exact search: IndexIDMap2 over IndexFlatL2."""
 
     name = "flat"
+    blas_distances = True
 
     def build(self, dim, training=None, nlist=None):
         return faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
@@ -190,6 +221,23 @@ class HNSWKind(_IdMapKind):
 
     def default_breadth(self, nlist):
         return HNSW_SEARCH_BREADTH
+
+    walks_graph = True
+
+    def search_from(self, index, queries, k, starts, start_d2, breadth):
+        # faiss's base-level search seeded per query (search_type 1: one walk per start), skipping the descent
+        # through the upper levels from the global entry point
+        graph = _id_map_inner(index)
+        q = np.ascontiguousarray(queries, np.float32)
+        seeds = np.ascontiguousarray(np.asarray(starts, np.int32).reshape(len(q), 1))
+        seed_d2 = np.ascontiguousarray(np.asarray(start_d2, np.float32).reshape(len(q), 1))
+        d2 = np.full((len(q), k), np.inf, np.float32)
+        positions = np.full((len(q), k), -1, np.int64)
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = int(max(breadth, k))
+        graph.search_level_0(len(q), faiss.swig_ptr(q), k, faiss.swig_ptr(seeds), faiss.swig_ptr(seed_d2),
+                             faiss.swig_ptr(d2), faiss.swig_ptr(positions), 1, 1, params)
+        return d2, positions
 
     def bytes_per_vector(self, dim):
         """The vector, its id and its base level's 2 * HNSW_LINKS int32 links (upper levels, about 1 in

@@ -7,7 +7,8 @@ bank, so it is an UPPER BOUND of the distance to the bank's nearest stored vecto
 lossy kinds, ivf-sq8 / ivf-pq, the gathered vectors are the index's reconstructions, the vectors its own search
 measures; the bound then holds against the stored codes, not the vectors first added.)
 
-Stage 2 (`TwoStageBank.search`): the wrapped index itself at its own breadth, asked only about the patches
+Stage 2 (`TwoStageBank.refine`): the wrapped index itself (an hnsw graph walked from each patch's stage-1
+neighbour, the other kinds searched at their own breadth), asked only about the patches
 `scoring.two_stage_neighbours` picks: those that can still reach the image score's top k, and those above a
 floor (the map near the pixel threshold). A refined patch keeps the better of both stages' neighbours.
 
@@ -23,10 +24,14 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from .kinds import direct_l2, sort_rows
 from .vectors import SPREAD_NEIGHBOURS, VectorIndex, uses_two_stage
 
 IMAGES_PER_QUERY = 8  # reference images whose patches stage 1 searches (docs/benchmarks.md, "Two-stage search")
-SPREAD_PROBE = 4  # coarse cells besides its own among which a stored vector's spread neighbours are sought
+# hnsw's stage 2 walks its base level from each patch's stage-1 neighbour with this many candidates (its own
+# search from the entry point keeps 128): recall@1 0.95 on the 1M tier (docs/benchmarks.md, "Two-stage search")
+REFINE_BREADTH = 64
+SPREAD_PROBE = 12  # coarse cells besides its own among which a stored vector's spread neighbours are sought
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,8 @@ def flat_knn(queries: np.ndarray, base: np.ndarray, base_ids: np.ndarray, k: int
     kk = min(k, len(b))
     if kk == 0:
         return np.full((len(q), k), np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-    d2, pos = faiss.knn(q, b, kk)
-    d = np.sqrt(np.maximum(d2, 0.0)).astype(np.float32)
+    _, pos = faiss.knn(q, b, kk)  # BLAS-path distances lose digits: recomputed from the vectors (`direct_l2`)
+    d, pos = sort_rows(direct_l2(q, b[pos]), pos)
     ids = np.asarray(base_ids, np.int64)[pos]
     if kk < k:
         d = np.concatenate([d, np.full((len(q), k - kk), np.inf, np.float32)], axis=1)
@@ -184,8 +189,15 @@ class TwoStageBank:
         return self.bank.nprobe
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """Stage 2: the whole bank at its own breadth."""
+        """The whole bank at its own breadth."""
         return self.bank.search(queries, k)
+
+    def refine(self, queries: np.ndarray, near_distances: np.ndarray, near_ids: np.ndarray,
+               k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Stage 2: (M, D) queries with their (M, k) stage-1 distances and ids -> (M, k) from the whole bank,
+        starting from the stage-1 nearest where the bank can (hnsw, `VectorIndex.search_near`)."""
+        return self.bank.search_near(queries, k, np.asarray(near_ids)[:, 0], np.asarray(near_distances)[:, 0],
+                                     REFINE_BREADTH)
 
     def coarse_search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """Stage 1: (M, D) patch vectors OF ONE IMAGE -> (M, k) exact distances and ids among the patches of the

@@ -33,8 +33,8 @@ import numpy as np
 
 from ..faults import crash_point
 from .kinds import (HNSW_BUILD_BREADTH, HNSW_LINKS, HNSW_SEARCH_BREADTH, ID_BYTES, KIND_STRATEGIES,  # noqa: F401
-                    PQ_TRAIN, TRAIN_PER_LIST, default_nprobe, ivf_lists_for, kind_of, pq_subquantizers,
-                    sample_positions, strategy)
+                    PQ_TRAIN, TRAIN_PER_LIST, default_nprobe, direct_l2, ivf_lists_for, kind_of, pq_subquantizers,
+                    sample_positions, sort_rows, strategy)
 
 APPROX_FROM = 200_000  # bank size from which "auto" switches from exact to an approximate index
 AUTO_APPROX_KIND = "ivf-sq8"  # what "auto" picks from APPROX_FROM vectors (see docs/benchmarks.md)
@@ -96,6 +96,7 @@ class VectorIndex:
             self.nprobe = nprobe
         self._typical_spread: tuple[int, float] | None = None  # (neighbours, value), see typical_spread
         self._map_lock = threading.Lock()
+        self._stored: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # search_near's id -> position map
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -197,7 +198,7 @@ class VectorIndex:
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         """(n, D) vectors under (n,) int64 ids."""
         v = _check(vectors, self.dim)
-        self._typical_spread = None
+        self._typical_spread = self._stored = None
         self.index.add_with_ids(v, _check_ids(ids, len(v)))
 
     def remove(self, ids: np.ndarray) -> int:
@@ -206,7 +207,7 @@ class VectorIndex:
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64))
         if not len(ids):
             return 0
-        self._typical_spread = None
+        self._typical_spread = self._stored = None
         self.index, gone = self._kind.remove(self.index, ids)
         return gone
 
@@ -247,7 +248,42 @@ class VectorIndex:
         if self.ntotal == 0:
             raise ValueError("the index holds no vectors")
         d2, ids = self.index.search(q, k)
-        return np.sqrt(np.maximum(d2, 0.0)), ids
+        d = np.sqrt(np.maximum(d2, 0.0))
+        if self._kind.blas_distances:
+            found = ids >= 0
+            neighbours = np.zeros(ids.shape + (self.dim,), np.float32)
+            neighbours[found] = self.index.reconstruct_batch(np.ascontiguousarray(ids[found]))
+            d, ids = sort_rows(np.where(found, direct_l2(q, neighbours), d), ids)
+        return d, ids
+
+    def search_near(self, queries: np.ndarray, k: int, near_ids: np.ndarray, near_distances: np.ndarray,
+                    breadth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search`, for (M, D) queries each with a stored vector already known to be near it: (M,) ids
+        (-1 = none) and (M,) L2 distances to them (a cheaper first search's answers). A graph kind (hnsw) walks
+        its base level from there with `breadth` candidates instead of descending from its entry point at its
+        own breadth; the other kinds, and queries without a start, search as `search` does."""
+        q = _check(queries, self.dim, "queries")
+        near_ids = np.asarray(near_ids, np.int64).reshape(-1)
+        if not self._kind.walks_graph or not len(q):
+            return self.search(q, k)
+        with self._map_lock:
+            if self._stored is None:  # ids in storage order, their argsort, the ids sorted
+                stored = self._kind.ids(self.index)
+                order = np.argsort(stored, kind="stable")
+                self._stored = (stored, order, stored[order])
+        stored, order, ascending = self._stored
+        pos = order[np.minimum(np.searchsorted(ascending, near_ids), len(order) - 1)]
+        known = stored[pos] == near_ids
+        d, ids = np.zeros((len(q), k), np.float32), np.full((len(q), k), -1, np.int64)
+        if known.any():
+            d2, at = self._kind.search_from(self.index, q[known], k, pos[known],
+                                            np.square(np.asarray(near_distances, np.float32).reshape(-1)[known]),
+                                            breadth)
+            d[known] = np.sqrt(np.maximum(d2, 0.0))
+            ids[known] = np.where(at >= 0, stored[np.maximum(at, 0)], -1)
+        if not known.all():
+            d[~known], ids[~known] = self.search(q[~known], k)
+        return d, ids
 
     def ids(self) -> np.ndarray:
         """(N,) int64: every id held, without reading the vectors."""

@@ -88,6 +88,29 @@ def test_two_stage_equals_exact_on_refined_and_in_the_image_score(k):
     assert got.refined is not None and exact.refined is None
 
 
+def test_search_near_walks_hnsw_from_the_given_start_and_falls_back_without_one():
+    vectors, owners, centres, rng = synthetic_bank(images=30, per_image=100)
+    ids = owners[:, 0]
+    graph = VectorIndex.from_vectors("hnsw", vectors, ids)
+    exact = VectorIndex.from_vectors("flat", vectors, ids)
+    query = centres[rng.integers(0, 30, 200)] + rng.normal(size=(200, DIM)).astype(np.float32)
+    de, ie = exact.search(query, 2)
+    # start each walk at a stored vector that is near but not the nearest (the exact search's second)
+    start_d = np.linalg.norm(query - vectors[np.searchsorted(ids, ie[:, 1])], axis=1)
+    d, i = graph.search_near(query, 2, ie[:, 1], start_d, breadth=32)
+    assert d.shape == i.shape == (200, 2) and d.dtype == np.float32
+    assert (i[:, 0] == ie[:, 0]).mean() >= 0.95  # the walk finds the nearest from a near start
+    assert np.allclose(d, np.linalg.norm(query[:, None] - vectors[np.searchsorted(ids, i)], axis=2), atol=1e-3)
+    # an unknown start (-1, or an id the bank lacks) is searched from the entry point instead
+    starts = ie[:, 1].copy()
+    starts[:5], starts[5:10] = -1, 10 ** 9
+    d2, i2 = graph.search_near(query, 2, starts, start_d, breadth=32)
+    plain_d, plain_i = graph.search(query[:10], 2)
+    assert (i2[:10] == plain_i).all() and np.allclose(d2[:10], plain_d)
+    # kinds without a graph ignore the start: the same answers as `search`
+    assert all((a == b).all() for a, b in zip(exact.search_near(query, 2, ie[:, 1], start_d, 32), (de, ie)))
+
+
 def test_refine_candidates_by_level_and_floor():
     upper = np.array([5.0, 1.0, 3.0, 2.0])
     done = np.array([True, False, False, False])
