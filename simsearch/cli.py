@@ -57,8 +57,8 @@ NprobeOpt = Annotated[Optional[int], typer.Option(help="How widely an approximat
                                                   "(default: 2 x the square root of the number of lists, at least "
                                                   "32), or hnsw's efSearch (default 128).")]
 TwoStageOpt = Annotated[Optional[str], typer.Option(help="Search in two stages (nearest reference images first, the "
-                                                     "whole bank only for the patches that matter): auto (from "
-                                                     "200,000 patch vectors), on or off (the default).")]
+                                                     "whole bank only for the patches that matter): auto (the "
+                                                     "default: from 200,000 patch vectors), on or off.")]
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -28,10 +28,14 @@ from .kinds import direct_l2, sort_rows
 from .vectors import SPREAD_NEIGHBOURS, VectorIndex, uses_two_stage
 
 IMAGES_PER_QUERY = 8  # reference images whose patches stage 1 searches (docs/benchmarks.md, "Two-stage search")
-# hnsw's stage 2 walks its base level from each patch's stage-1 neighbour with this many candidates (its own
-# search from the entry point keeps 128): recall@1 0.95 on the 1M tier (docs/benchmarks.md, "Two-stage search")
-REFINE_BREADTH = 64
-SPREAD_PROBE = 12  # coarse cells besides its own among which a stored vector's spread neighbours are sought
+# hnsw's stage 2 walks its base level from each patch's stage-1 neighbour with this many candidates, as many as its
+# own search from the entry point keeps: 64 missed the Magnetic Tile subset's image-AUROC bound by 0.0004
+# (docs/benchmarks.md, "Two-stage search")
+REFINE_BREADTH = 128
+# coarse cells besides its own among which a stored vector's spread neighbours are sought: with fewer, more are
+# missed and the discount's spreads run high (docs/benchmarks.md, "Two-stage search": 4 cells lost up to 0.0023
+# more image AUROC on Magnetic Tile)
+SPREAD_PROBE = 12
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,7 @@ def bank_spreads(vectors: np.ndarray, neighbours: int = SPREAD_NEIGHBOURS, probe
     sought exactly among the vectors of its own k-means cell and of the `probe` cells nearest it (cells of
     about sqrt(N) vectors): what `VectorIndex.spread` measures, at IVF-like recall, for every vector at once.
 
-    Cost: N * (probe + 1) * sqrt(N) distances as BLAS products (1M vectors: about 20 s on 2 cores).
+    Cost: N * (probe + 1) * sqrt(N) distances as BLAS products (1M vectors: about 49 s on 2 cores at SPREAD_PROBE).
     """
     x = np.ascontiguousarray(vectors, np.float32)
     n = len(x)

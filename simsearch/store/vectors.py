@@ -264,7 +264,7 @@ class VectorIndex:
         own breadth; the other kinds, and queries without a start, search as `search` does."""
         q = _check(queries, self.dim, "queries")
         near_ids = np.asarray(near_ids, np.int64).reshape(-1)
-        if not self._kind.walks_graph or not len(q):
+        if not self._kind.walks_graph or not len(q) or self.ntotal == 0:
             return self.search(q, k)
         with self._map_lock:
             if self._stored is None:  # ids in storage order, their argsort, the ids sorted

@@ -109,6 +109,8 @@ def test_search_near_walks_hnsw_from_the_given_start_and_falls_back_without_one(
     assert (i2[:10] == plain_i).all() and np.allclose(d2[:10], plain_d)
     # kinds without a graph ignore the start: the same answers as `search`
     assert all((a == b).all() for a, b in zip(exact.search_near(query, 2, ie[:, 1], start_d, 32), (de, ie)))
+    with pytest.raises(ValueError, match="holds no vectors"):  # an empty graph refuses as `search` does
+        VectorIndex.create("hnsw", DIM).search_near(query, 1, ie[:, 1], start_d, 32)
 
 
 def test_refine_candidates_by_level_and_floor():
