@@ -288,6 +288,7 @@ def tier_two_stage_parts(tier: str, ids: np.ndarray):
 
 
 def step_tier(tier: str) -> dict:
+    from simsearch.config import IndexConfig
     from simsearch.runtime import configure_threads
     from simsearch.store.vectors import VectorIndex, choose_kind
     configure_threads()
@@ -311,7 +312,7 @@ def step_tier(tier: str) -> dict:
             if nprobe:
                 index.nprobe = nprobe
             start = time.perf_counter()
-            d, i = index.search(queries, config.k_neighbours)
+            d, i = index.search(queries, IndexConfig().k_neighbours)
             seconds = time.perf_counter() - start
             if kind == "flat":
                 exact_d, exact_i = d[:, 0], i[:, 0]
@@ -334,6 +335,24 @@ def auto_label(n: int) -> str:
     return f"two-stage/{kind}" if uses_two_stage("auto", n) else kind
 
 
+def forward_then_query(engine, rgb: np.ndarray):
+    """One latency sample: (seconds of the embedder's own tile forward alone, seconds of `engine.query(rgb)`,
+    the query's result). The forward (torch: backbone + patch features; onnxruntime, the default where installed:
+    the exported model, the same two) runs in the batches a query uses, just before the query."""
+    from simsearch.features import tiles_per_batch
+    from simsearch.images import Image
+    emb = engine.embedder
+    tiles, _ = emb.tiles_of(Image(rgb=rgb, sha256="", source="<array>"))
+    step = tiles_per_batch(tiles.shape[1], tiles.shape[2])
+    start = time.perf_counter()
+    for s in range(0, len(tiles), step):
+        emb._forward(tiles[s:s + step])
+    forward = time.perf_counter() - start
+    start = time.perf_counter()
+    result = engine.query(rgb)
+    return forward, time.perf_counter() - start, result
+
+
 def latency(tier: str, kinds: list[str], images: int = 20) -> dict:
     """Query latency per image against the backbone forward alone, interleaved per image, on an index at the
     defaults whose bank is swapped for the tier's vectors (ids outside its catalog: no nearest-image rows).
@@ -341,7 +360,6 @@ def latency(tier: str, kinds: list[str], images: int = 20) -> dict:
     other rows search their bank alone (two-stage off)."""
     import torch
     from simsearch import Engine
-    from simsearch.features import tiles_per_batch
     from simsearch.images import Image, load_image
     from simsearch.runtime import configure_threads
     from simsearch.scoring import score_vectors
@@ -380,17 +398,9 @@ def latency(tier: str, kinds: list[str], images: int = 20) -> dict:
         engine.query(decoded[0])  # warm
         forward, query, patches, refined = [], [], [], []
         for rgb in decoded:
-            tiles, _ = emb.tiles_of(Image(rgb=rgb, sha256="", source="<array>"))
-            # The embedder's own tile forward (torch: backbone + patch features; onnxruntime, the default where
-            # installed: the exported model, the same two), in the batches a query uses.
-            start = time.perf_counter()
-            step = tiles_per_batch(tiles.shape[1], tiles.shape[2])
-            for s in range(0, len(tiles), step):
-                emb._forward(tiles[s:s + step])
-            forward.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            result = engine.query(rgb)
-            query.append(time.perf_counter() - start)
+            forward_s, query_s, result = forward_then_query(engine, rgb)
+            forward.append(forward_s)
+            query.append(query_s)
             assert result.anomaly_map.shape == rgb.shape[:2]
             grid = emb.embed(Image(rgb=rgb, sha256="", source="<array>"))
             patches.append(int(np.prod(grid.grid_shape)))
@@ -485,7 +495,7 @@ def step_auroc() -> dict:
         for kind in KINDS:
             index = VectorIndex.from_vectors(kind, bank)
             start = time.perf_counter()
-            d, i = index.search(queries, config.k_neighbours)
+            d, i = index.search(queries, IndexConfig().k_neighbours)
             search_s = time.perf_counter() - start
             # Each image through the engine's scoring chain (the batched search above is for recall and time).
             scores = [score_vectors(index, queries[a:b], config.search).image_score

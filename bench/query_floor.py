@@ -24,11 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import perf  # noqa: E402  (the tier vectors, image lists and cache folder)
 
 
-def median_ms(fn, rounds: int = 20, before=None) -> float:
+def median_ms(fn, rounds: int) -> float:
     times = []
     for _ in range(rounds):
-        if before is not None:
-            before()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -54,8 +52,7 @@ def spinning_session(embedder):
 
 
 def floor(engine, vectors: np.ndarray, ids: np.ndarray) -> dict:
-    from simsearch.features import tiles_per_batch
-    from simsearch.images import Image, load_image
+    from simsearch.images import load_image
     from simsearch.store.banks import BankView
     from simsearch.store.vectors import VectorIndex
     committed = engine.banks.view()
@@ -68,17 +65,7 @@ def floor(engine, vectors: np.ndarray, ids: np.ndarray) -> dict:
         engine.banks.pin(BankView(committed.generation, VectorIndex.from_vectors("flat", vectors[:n], ids[:n]),
                                   committed.images))
         engine.query(decoded[0])  # warm
-        forward, query = [], []
-        for rgb in decoded:
-            tiles, _ = emb.tiles_of(Image(rgb=rgb, sha256="", source="<array>"))
-            step = tiles_per_batch(tiles.shape[1], tiles.shape[2])
-            start = time.perf_counter()
-            for s in range(0, len(tiles), step):
-                emb._forward(tiles[s:s + step])
-            forward.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            engine.query(rgb)
-            query.append(time.perf_counter() - start)
+        forward, query, _ = zip(*(perf.forward_then_query(engine, rgb) for rgb in decoded))
         out[f"bank_{n}_{workers}"] = {"forward_p50_ms": 1000 * float(np.median(forward)),
                             "query_p50_ms": 1000 * float(np.median(query)),
                             "ratio_p50": float(np.median(np.asarray(query) / np.asarray(forward)))}

@@ -55,7 +55,7 @@ class OnnxEmbedder(TileEmbedder):
         options.intra_op_num_threads = configure_threads(threads)  # the same count for faiss
         options.inter_op_num_threads = 1
         # Idle workers sleep rather than spin after a run: faiss's search follows every forward in a query, and
-        # spinning workers held both cores from it (docs/benchmarks.md, "Spinning threads after the forward").
+        # spinning workers held both cores from it (docs/benchmarks.md, "Where a query's time goes").
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.config = config
         self.model_file = Path(model_file)

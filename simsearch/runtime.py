@@ -18,8 +18,9 @@ import sys
 from .errors import BadInput
 
 # faiss's exact (flat) search takes its BLAS path only from this many queries at once. faiss 1.15's default,
-# 128,000, sends a whole image's patches (about 770) down the per-query loop instead: 7 to 8 x slower for
-# 768 queries against 10,000 vectors on 2 cores (85 against 11 ms; docs/benchmarks.md, "Exact search's BLAS path").
+# 128,000, sends a whole image's patches (about 770) down the per-query loop instead: about 6 x slower for
+# 768 queries against 10,000 vectors on 2 cores (72.3 against 12.4 ms, `bench/query_floor.py`; docs/benchmarks.md,
+# "Where a query's time goes").
 BLAS_FROM_QUERIES = 20
 
 
