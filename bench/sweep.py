@@ -28,11 +28,15 @@ CACHE = ROOT / "bench" / ".cache" / "sweep"
 GRIDS = ROOT / "bench" / ".cache" / "sweep_grids"
 
 
+FLIPS = {"h": lambda rgb: rgb[:, ::-1], "v": lambda rgb: rgb[::-1], "hv": lambda rgb: rgb[::-1, ::-1]}
+
+
 def parse_setting(text: str) -> tuple[str, object]:
     key, _, value = text.partition("=")
     if key == "layers":
         return key, tuple(int(v) for v in value.split(","))
-    if key in ("short_side", "neighbourhood", "dims", "tile_size", "tile_stride", "context_margin"):
+    if key in ("short_side", "neighbourhood", "dims", "tile_size", "tile_stride", "context_margin", "k_neighbours",
+               "image_top_k"):
         return key, int(value)
     if key in ("scale", "blur_sigma"):
         return key, float(value)
@@ -42,7 +46,7 @@ def parse_setting(text: str) -> tuple[str, object]:
 def sweep_category(category, settings: dict, top_ks: list[int], train_every: int, test_every: int,
                    kind: str = "flat", blurs: list[float] | None = None,
                    top_fractions: list[float] | None = None, density: bool = False,
-                   save_to: Path | None = None) -> dict:
+                   save_to: Path | None = None, flips: tuple[str, ...] = ()) -> dict:
     from simsearch.engine import Engine
     from simsearch.evaluation import metrics
     from simsearch.evaluation.datasets import load_mask
@@ -55,7 +59,10 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
         engine = Engine.create(Path(tmp) / "index", **settings)
         embedder, config = engine.embedder, engine.config
         start = time.perf_counter()
-        bank = [embedder.embed(load_image(p)).features for p in category.train[::train_every]]
+        train = [load_image(p) for p in category.train[::train_every]]
+        # Flipped copies of the good images (`--flip-bank`): more looks of the same surface in the bank.
+        flipped = [load_image(np.ascontiguousarray(FLIPS[f](im.rgb))) for f in flips for im in train]
+        bank = [embedder.embed(im).features for im in train + flipped]
         vectors = np.concatenate([b.reshape(-1, b.shape[-1]) for b in bank]).astype(np.float32)
         index = VectorIndex.from_vectors(kind, vectors)
         seconds["build"] = time.perf_counter() - start
@@ -92,7 +99,8 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
                                 **{f"mask{i}": np.asarray(m, np.uint8) for i, m in enumerate(masks)})
         engine.close()
     labels = np.asarray(labels)
-    row = {"n_bank": int(len(vectors)), "n_test": len(samples), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    row = {"n_bank": int(len(vectors)), "n_test": len(samples),
+           "image_auroc_engine": metrics.image_auroc(labels, np.asarray(engine_scores)), "seconds": {k: round(v, 1) for k, v in seconds.items()},
            "pixel_auroc": metrics.pixel_auroc(masks, maps) if category.has_masks else None,
            "aupro": metrics.aupro(masks, maps, max_fpr=0.3) if category.has_masks else None}
     for sigma in blurs or []:  # the map's Gaussian sigma (px at the index scale) changes pixel metrics only
@@ -224,6 +232,8 @@ def main() -> None:
     parser.add_argument("--concat-neighbourhoods", help="patch vectors at several windows side by side, e.g. 1,3")
     parser.add_argument("--save-grids", action="store_true", help="also keep each image's score and map under "
                         "bench/.cache/sweep_grids/ (for bench/ensemble.py)")
+    parser.add_argument("--flip-bank", nargs="+", choices=sorted(FLIPS), default=[],
+                        help="also put these flips of every train image in the bank")
     parser.add_argument("--kind", default="flat", help="bank index kind (ivf-flat makes big banks affordable)")
     args = parser.parse_args()
     if args.write:
@@ -247,13 +257,16 @@ def main() -> None:
             [plain(maps, w, dims) for w in windows], dim=-1)
         settings["neighbourhood_concat"] = list(windows)  # for the cache key only
         label += f"+concat={args.concat_neighbourhoods}"
+    if args.flip_bank:
+        settings["flip_bank"] = list(args.flip_bank)  # for the cache key only
+        label += f"+flips={','.join(args.flip_bank)}"
     label += f"+{args.kind}" if args.kind != "flat" else ""
     root = DATASETS / args.dataset
     rows = {}
     for name in args.categories or category_names(root):
         # The whole embedder configuration is in the key: a setting left out means whatever the default is now.
         from simsearch.config import IndexConfig
-        fields = {k: v for k, v in settings.items() if not k.startswith("neighbourhood_")}
+        fields = {k: v for k, v in settings.items() if not k.startswith(("neighbourhood_", "flip_"))}
         embedder = IndexConfig(**({"short_side": None} if "scale" in fields else {}) | fields)
         key = json.dumps([settings, embedder.embedder_fields(), args.top_k, args.train_every, args.test_every]
                          + ([args.kind] if args.kind != "flat" else []) + ([args.blur] if args.blur else [])
@@ -265,10 +278,10 @@ def main() -> None:
         if path.exists() and (grids is None or grids.exists()):
             row = json.loads(path.read_text())
         else:
-            config_settings = {k: v for k, v in settings.items() if not k.startswith("neighbourhood_")}
+            config_settings = {k: v for k, v in settings.items() if not k.startswith(("neighbourhood_", "flip_"))}
             row = sweep_category(load_category(root, name), config_settings, args.top_k, args.train_every,
                                  args.test_every, args.kind, args.blur, args.top_fraction,
-                                 args.density, grids)
+                                 args.density, grids, tuple(args.flip_bank))
             row["run"] = {"dataset": args.dataset, "category": name, "label": label, "set": args.set,
                           "config": embedder.to_dict(),
                           "kind": args.kind, "train_every": args.train_every, "test_every": args.test_every}
