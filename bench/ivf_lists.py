@@ -1,7 +1,8 @@
 """What an IVF-SQ8 stage 2 costs at 1M vectors for more inverted lists (issue 19): recall@1 against exact search
 and the time of 80 queries (about the patches an image refines) per nprobe.
 
-Uses the 1M tier's cached bank and query patches (`bench/perf.py --steps export` makes them):
+Uses the 1M tier's vectors and the cached query patches (`perf.tier_vectors`; `bench/perf.py --steps export`
+makes them):
 
     .venv/bin/python bench/ivf_lists.py 1024 4096
 """
@@ -15,16 +16,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import perf  # noqa: E402  (the tier vectors and cache folder)
 from simsearch.runtime import tuned_faiss  # noqa: E402
 from simsearch.store.kinds import TRAIN_PER_LIST  # noqa: E402
-
-CACHE = ROOT / "bench" / ".cache" / "perf"
 
 
 def main() -> None:
     faiss = tuned_faiss()
-    bank = np.load(CACHE / "bank.f16.npy", mmap_mode="r")[:1_000_000].astype(np.float32)
-    queries = np.load(CACHE / "queries.f16.npy")[:800].astype(np.float32)
+    bank, _ = perf.tier_vectors("1m")
+    queries = np.load(perf.CACHE / "queries.f16.npy")[:800].astype(np.float32)
     dim = bank.shape[1]
     exact = faiss.IndexFlatL2(dim)
     exact.add(bank)

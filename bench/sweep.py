@@ -100,7 +100,8 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
         engine.close()
     labels = np.asarray(labels)
     row = {"n_bank": int(len(vectors)), "n_test": len(samples),
-           "image_auroc_engine": metrics.image_auroc(labels, np.asarray(engine_scores)), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+           "image_auroc_engine": metrics.image_auroc(labels, np.asarray(engine_scores)),
+           "seconds": {k: round(v, 1) for k, v in seconds.items()},
            "pixel_auroc": metrics.pixel_auroc(masks, maps) if category.has_masks else None,
            "aupro": metrics.aupro(masks, maps, max_fpr=0.3) if category.has_masks else None}
     for sigma in blurs or []:  # the map's Gaussian sigma (px at the index scale) changes pixel metrics only
@@ -263,11 +264,12 @@ def main() -> None:
     label += f"+{args.kind}" if args.kind != "flat" else ""
     root = DATASETS / args.dataset
     rows = {}
+    # The settings a configuration takes (the rest only name the experiment in the cache key).
+    config_settings = {k: v for k, v in settings.items() if not k.startswith(("neighbourhood_", "flip_"))}
     for name in args.categories or category_names(root):
         # The whole embedder configuration is in the key: a setting left out means whatever the default is now.
         from simsearch.config import IndexConfig
-        fields = {k: v for k, v in settings.items() if not k.startswith(("neighbourhood_", "flip_"))}
-        embedder = IndexConfig(**({"short_side": None} if "scale" in fields else {}) | fields)
+        embedder = IndexConfig(**({"short_side": None} if "scale" in config_settings else {}) | config_settings)
         key = json.dumps([settings, embedder.embedder_fields(), args.top_k, args.train_every, args.test_every]
                          + ([args.kind] if args.kind != "flat" else []) + ([args.blur] if args.blur else [])
                          + ([["fractions"] + args.top_fraction] if args.top_fraction else [])
@@ -278,7 +280,6 @@ def main() -> None:
         if path.exists() and (grids is None or grids.exists()):
             row = json.loads(path.read_text())
         else:
-            config_settings = {k: v for k, v in settings.items() if not k.startswith(("neighbourhood_", "flip_"))}
             row = sweep_category(load_category(root, name), config_settings, args.top_k, args.train_every,
                                  args.test_every, args.kind, args.blur, args.top_fraction,
                                  args.density, grids, tuple(args.flip_bank))
