@@ -40,6 +40,9 @@ Steps:
   same banks: image AUROC, pixel AUROC, AUPRO, overlap of the final top-16 patches (Magnetic Tile subset as `auroc`,
   all 12 PIPED categories). latency-1m also times "two-stage/ivf-sq8" and "two-stage/hnsw" banks.
 - twostage-build: build seconds and memory per vector of the two-stage search at 100k and 1M vectors.
+- spread-table: the spread table a writer saves with each two-stage generation, at 1M and 2M real vectors:
+  computed in full, saved, loaded, and extended after an add of 768 vectors; its spreads against exact ones.
+- twostage-10m: build seconds and memory per vector of the two-stage parts over the tier-10m bank (after tier-10m).
 """
 from __future__ import annotations
 
@@ -72,7 +75,8 @@ BUILD_SETTINGS = dict(scale=1.0, short_side=None, tile_size=256, tile_stride=192
 BEFORE_REV = "7f05de5"
 STEPS = ("forward-batch", "embed-ab", "build-before", "build-after", "export", "tier-10k", "tier-100k", "tier-1m",
          "latency-10k", "latency-100k", "latency-1m", "wait-policy", "coreset", "auroc", "build-vs-anomalib",
-         "tier-10m", "twostage-accuracy", "twostage-build")
+         "tier-10m", "twostage-accuracy", "twostage-build", "spread-table",
+         "twostage-10m")
 
 
 def peak_rss_mib() -> float:
@@ -648,6 +652,62 @@ def step_twostage_build() -> dict:
     return out
 
 
+def step_spread_table() -> dict:
+    """What the writer now pays for the spread table it saves with each two-stage generation (store/spreads.py),
+    over the auto kind's bank of the 1M tier and of every cached vector (2M): computed in full, saved, loaded,
+    and extended after an add of one image's worth of new vectors (what a small add costs instead)."""
+    import tempfile as _tempfile
+    import faiss
+    from simsearch.runtime import configure_threads
+    from simsearch.store.spreads import SpreadTable, next_table
+    from simsearch.store.vectors import SPREAD_NEIGHBOURS
+    from simsearch.store.vectors import VectorIndex, choose_kind
+    configure_threads()
+    out = {}
+    everything = np.load(CACHE / "bank.f16.npy", mmap_mode="r")
+    for tier in ("1m", "2m"):
+        if tier == "2m":
+            ids = np.arange(len(everything) - 768, dtype=np.int64)  # the last 768 rows are the add below
+            vectors = np.ascontiguousarray(everything[:len(ids)], dtype=np.float32)
+            extra = np.arange(len(ids), len(everything), dtype=np.int64)
+        else:
+            vectors, ids = tier_vectors(tier)
+            extra = np.setdiff1d(np.arange(len(everything)), ids)[:768]
+        kind = choose_kind("auto", len(vectors))
+        bank = VectorIndex.from_vectors(kind, vectors, ids)
+        del vectors
+        start = time.perf_counter()
+        table = SpreadTable.computed(bank)
+        full_s = time.perf_counter() - start
+        with _tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "spreads.g000001.safetensors"
+            start = time.perf_counter()
+            table.save(path)
+            save_s = time.perf_counter() - start
+            start = time.perf_counter()
+            SpreadTable.load(path)
+            load_s = time.perf_counter() - start
+            file_bytes = path.stat().st_size
+        # against exact spreads among the same (reconstructed) vectors, on 2,000 of them
+        held, stored = bank.all_vectors()
+        pick = np.sort(np.random.default_rng(0).choice(len(held), 2000, replace=False))
+        d, _ = faiss.knn(stored[pick], stored, SPREAD_NEIGHBOURS + 1)
+        exact = np.sqrt(np.maximum(d[:, 1:], 0)).mean(axis=1)
+        ratio = table.lookup(held[pick])[0] / np.maximum(exact, 1e-6)
+        del stored
+        bank.add(np.asarray(everything[extra], np.float32), extra)
+        start = time.perf_counter()
+        grown = next_table(table, bank)
+        add_s = time.perf_counter() - start
+        out[tier] = {"kind": kind, "vectors": len(table), "full_s": full_s, "save_s": save_s, "load_s": load_s,
+                     "file_bytes": file_bytes, "bytes_per_vector": file_bytes / len(table), "added": len(extra),
+                     "extend_s": add_s, "extended_in_place": grown.full_count == table.full_count,
+                     "typical": table.typical, "over_exact_p50_p90_p99": np.percentile(ratio, [50, 90, 99]).tolist()}
+        print(tier, out[tier], flush=True)
+        del bank, table, grown
+    return out
+
+
 def step_build_vs_anomalib() -> dict:
     """`Engine.create` + `add` at the defaults (and with --coreset 0.01) against anomalib PatchCore's fit
     (same weights, coreset ratio 0.01) on every 4th magnetic_tile train/good image, in one run."""
@@ -741,6 +801,33 @@ def step_tier_10m(n: int = 10_000_000, block: int = 500_000) -> dict:
     return out
 
 
+def step_twostage_10m() -> dict:
+    """Build seconds and bytes per vector of the two-stage parts over the tier-10m bank (run tier-10m first): its
+    10M synthetic vectors grouped as reference images of 768 patches each, their pooled vectors, the spread table."""
+    from simsearch.runtime import configure_threads
+    from simsearch.store.twostage import TwoStageBank, unit_mean
+    from simsearch.store.vectors import VectorIndex
+    configure_threads()
+    path = CACHE / "tier10m.faiss"
+    if not path.exists():
+        raise SystemExit("run --steps tier-10m first (it saves bench/.cache/perf/tier10m.faiss)")
+    bank = VectorIndex.load(path)
+    held, stored = bank.all_vectors()
+    order = np.argsort(held)
+    held, stored = held[order], stored[order]
+    owners = np.stack([held, np.arange(len(held)) // 768], axis=1)
+    pooled = np.stack([unit_mean(stored[a:a + 768]) for a in range(0, len(held), 768)])
+    del stored
+    images = VectorIndex.from_vectors("flat", pooled, np.arange(len(pooled), dtype=np.int64))
+    start = time.perf_counter()
+    two = TwoStageBank.build(bank, images, owners)
+    build_s = time.perf_counter() - start
+    return {"vectors": int(bank.ntotal), "kind": bank.kind, "images": int(len(pooled)), "two_stage_build_s": build_s,
+            "bank_bytes_per_vector": bank.memory_bytes() / bank.ntotal,
+            "two_stage_bytes_per_vector": two.memory_bytes() / bank.ntotal,
+            "reconstruct_map_bytes_per_vector": 16, "typical_spread": two.spreads.typical}
+
+
 def run_step(step: str) -> dict:
     if step == "embed-ab":
         return step_embed_ab()
@@ -754,6 +841,10 @@ def run_step(step: str) -> dict:
         return step_export()
     if step == "tier-10m":
         return step_tier_10m()
+    if step == "spread-table":
+        return step_spread_table()
+    if step == "twostage-10m":
+        return step_twostage_10m()
     if step.startswith("tier-"):
         return step_tier(step.split("-", 1)[1])
     if step.startswith("latency-"):

@@ -33,6 +33,8 @@ FLIPS = {"h": lambda rgb: rgb[:, ::-1], "v": lambda rgb: rgb[::-1], "hv": lambda
 
 def parse_setting(text: str) -> tuple[str, object]:
     key, _, value = text.partition("=")
+    if value.lower() == "none":  # short_side=none: scale by the fixed factor `scale` instead
+        return key, None
     if key == "layers":
         return key, tuple(int(v) for v in value.split(","))
     if key in ("short_side", "neighbourhood", "dims", "tile_size", "tile_stride", "context_margin", "k_neighbours",

@@ -14,7 +14,8 @@ import numpy as np
 import perf  # noqa: E402
 from simsearch.runtime import configure_threads
 from simsearch.store.vectors import VectorIndex
-from simsearch.store.twostage import TwoStageBank, image_groups, bank_spreads
+from simsearch.store.spreads import SpreadTable
+from simsearch.store.twostage import TwoStageBank, image_groups
 from simsearch.scoring import two_stage_neighbours, patch_scores, score_vectors
 from simsearch.config import SearchConfig
 from simsearch.images import load_image
@@ -22,10 +23,8 @@ configure_threads(2)
 vectors, ids = perf.tier_vectors("1m")
 owners, images = perf.tier_two_stage_parts("1m", ids)
 t = time.time(); bank = VectorIndex.from_vectors("flat", vectors, ids); print("flat build", time.time() - t, flush=True)
-t = time.time(); sp = bank_spreads(vectors); print("spreads", time.time() - t, flush=True)
-# spreads are in `vectors` order = ids order (ids sorted); groups.ids order differs: map
+t = time.time(); table = SpreadTable.computed(bank); print("spreads", time.time() - t, flush=True)
 groups = image_groups(owners)
-pos = np.searchsorted(ids, groups.ids)
 emb = perf.default_embedder()
 paths = perf.test_images()[::29][:20]
 grids = [g.features.reshape(-1, 152) for g in emb.embed_many(load_image(p) for p in paths)]
@@ -33,7 +32,7 @@ search = SearchConfig()
 exact_typical = None
 res = {}
 for R in (4, 8, 16):
-    ts = TwoStageBank(bank, images, groups, sp[pos], images_per_query=R)
+    ts = TwoStageBank(bank, images, groups, table, images_per_query=R)
     rows = []
     for q in grids:
         t = time.perf_counter(); d1, i1 = ts.coarse_search(q, 1); c = time.perf_counter() - t
@@ -44,7 +43,7 @@ for R in (4, 8, 16):
 # exact per image
 t = time.time()
 ex = [bank.search(q, 1) for q in grids]; print("exact", time.time() - t, flush=True)
-typ = bank.typical_spread(); print("typical exact", typ, "table", float(np.median(sp)), flush=True)
+typ = bank.typical_spread(); print("typical exact", typ, "table", table.typical, flush=True)
 for R, rows in res.items():
     ratios = np.concatenate([r[2] / np.maximum(e[0][:, 0], 1e-6) for r, e in zip(rows, ex)])
     fin = np.concatenate([r[3] / np.maximum(e[0][:, 0], 1e-6) for r, e in zip(rows, ex)])
@@ -53,7 +52,7 @@ for R, rows in res.items():
         np.median(fin), np.percentile(fin, 90), (fin < 1.01).mean()), flush=True)
 # image scores exact vs two-stage, top-16 overlap
 for R in (4, 8, 16):
-    ts = TwoStageBank(bank, images, groups, sp[pos], images_per_query=R)
+    ts = TwoStageBank(bank, images, groups, table, images_per_query=R)
     diffs, overlaps = [], []
     for q in grids:
         a = score_vectors(bank, q, search); b = score_vectors(ts, q, search)

@@ -47,6 +47,14 @@ class Checker:
                 banks[bank] = bankfiles.load_bank(self.index.directory, bank, generation, records.get(bank))
             except (FileNotFoundError, ValueError) as exc:
                 why[bank] = str(exc)
+        try:
+            spreads = bankfiles.load_spreads(self.index.directory, generation, records.get(bankfiles.SPREADS))
+        except (FileNotFoundError, ValueError) as exc:
+            why[bankfiles.SPREADS] = str(exc)
+        else:
+            if spreads is not None and banks["patches"] is not None and not spreads.matches(banks["patches"]):
+                why[bankfiles.SPREADS] = (f"the spread table of generation {generation} does not hold the patch bank's "
+                                          "ids")
         return banks, why
 
     def check(self) -> dict:
@@ -125,7 +133,7 @@ class Checker:
             # `view` was read privately from disk: the transaction may change its banks in place.
             with index.banks.transaction(view) as txn:
                 txn.patches, txn.images = view.patches, view.images
-                changed = {bank: bank in why for bank in bankfiles.BANKS}
+                changed = {bank: bank in why for bank in (*bankfiles.BANKS, bankfiles.SPREADS)}
                 for bank, name, orphans in (("patches", "bank vectors", diff["orphans_in_bank"]),
                                             ("images", "pooled vectors", diff["orphan_pooled"])):
                     if len(orphans):

@@ -176,9 +176,9 @@ def test_5_readers_never_see_a_writers_uncommitted_vectors(tiny, monkeypatch):
     seen = []
     real_write = bankfiles.write_generation
 
-    def reader_looks_before_the_commit(directory, generation, banks):
+    def reader_looks_before_the_commit(directory, generation, banks, **kw):
         seen.append(engine.bank.ntotal)  # a query thread sharing this Engine, inside the write
-        return real_write(directory, generation, banks)
+        return real_write(directory, generation, banks, **kw)
     monkeypatch.setattr(bankfiles, "write_generation", reader_looks_before_the_commit)
     report = engine.add(write_images(tmp / "more", [70, 71]))
     assert seen == [committed]

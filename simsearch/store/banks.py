@@ -22,8 +22,9 @@ from ..errors import IndexDamaged
 from ..faults import crash_point
 from . import bankfiles
 from .catalog import Catalog
+from .spreads import SpreadTable, next_table
 from .twostage import scoring_bank
-from .vectors import VectorIndex, uses_two_stage
+from .vectors import SPREAD_NEIGHBOURS, VectorIndex, uses_two_stage
 
 LOAD_ATTEMPTS = 5
 
@@ -33,6 +34,7 @@ class BankView:
     generation: int
     patches: VectorIndex  # the PatchCore bank: one vector per reference patch cell
     images: VectorIndex  # one unit-length mean vector per reference image
+    spreads: SpreadTable | None = None  # the patch bank's spread table, where it is searched in two stages
 
 
 class BankStore:
@@ -80,26 +82,35 @@ class BankStore:
                 view = self._empty(generation)
             else:
                 banks["patches"].use_nprobe(self.nprobe)
-                view = BankView(generation, banks["patches"], banks["images"])
+                view = BankView(generation, banks["patches"], banks["images"], banks[bankfiles.SPREADS])
             self._view = view
             return view
         raise IndexDamaged(f"{self.directory}: the bank kept changing while being read; try again")
 
     def scorer(self, view: BankView):
         """The bank `view`'s queries score against: its patch bank, or over 'auto' / 'on' a two-stage search of it
-        (store/twostage.py), built once per generation (its spread table: about 20 s per million vectors)."""
+        (store/twostage.py), built once per generation from the spread table the writer saved with it (an index
+        without one computes it here: about 50 s per million vectors)."""
         if not uses_two_stage(self.two_stage, view.patches.ntotal) or getattr(view.patches, "two_stage", False):
             return view.patches
         with self._lock:
             cached = self._scorer
             if cached is None or cached[0] != view.generation or getattr(cached[1], "bank", cached[1]) is not view.patches:
-                cached = (view.generation, self.scorer_for(view.patches, view.images, self.catalog.vector_owners))
+                cached = (view.generation, self.scorer_for(view.patches, view.images, self.catalog.vector_owners,
+                                                           view.spreads))
                 self._scorer = cached
             return cached[1]
 
-    def scorer_for(self, patches: VectorIndex, images: VectorIndex, owners):
+    def scorer_for(self, patches: VectorIndex, images: VectorIndex, owners, spreads: SpreadTable | None = None):
         """`scoring_bank` of these banks under this store's setting (a calibration fold's, too)."""
-        return scoring_bank(patches, images, owners, self.two_stage)
+        return scoring_bank(patches, images, owners, self.two_stage, spreads)
+
+    def spreads_for(self, patches: VectorIndex, previous: SpreadTable | None) -> SpreadTable | None:
+        """The spread table a generation with these patches is saved with: where its queries search in two stages
+        (`store/spreads.next_table`, from the committed generation's `previous`); None elsewhere."""
+        if patches.ntotal <= SPREAD_NEIGHBOURS or not uses_two_stage(self.two_stage, patches.ntotal):
+            return None
+        return next_table(previous, patches)
 
     def pin(self, view: BankView) -> None:
         """Answer every read with `view` from now on, whatever the catalog says: a benchmark's seam for
@@ -170,9 +181,11 @@ class BankTransaction:
         generation = catalog.bump_generation(self.conn, next_vector_id=next_vector_id)
         patches = self._patches if self._patches is not None else self.base.patches
         images = self._images if self._images is not None else self.base.images
-        records = bankfiles.write_generation(self.store.directory, generation, {"patches": patches, "images": images})
+        spreads = self.store.spreads_for(patches, self.base.spreads)
+        records = bankfiles.write_generation(self.store.directory, generation, {"patches": patches, "images": images},
+                                             spreads=spreads)
         catalog.record_bank_files(self.conn, generation, records)
-        self.published = BankView(generation, patches, images)
+        self.published = BankView(generation, patches, images, spreads)
         return generation
 
 

@@ -91,6 +91,23 @@ def sort_rows(distances: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
 
 
+def flat_knn(queries: np.ndarray, base: np.ndarray, base_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(M, D) queries against (C, D) base vectors with (C,) ids -> (M, k) L2 distances (not squared) and ids,
+    exact (-1 / inf past C). One BLAS product: the cost of C vectors, not of the bank."""
+    q = np.ascontiguousarray(queries, np.float32)
+    b = np.ascontiguousarray(base, np.float32)
+    kk = min(k, len(b))
+    if kk == 0:
+        return np.full((len(q), k), np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+    _, pos = faiss.knn(q, b, kk)  # BLAS-path distances lose digits: recomputed from the vectors (`direct_l2`)
+    d, pos = sort_rows(direct_l2(q, b[pos]), pos)
+    ids = np.asarray(base_ids, np.int64)[pos]
+    if kk < k:
+        d = np.concatenate([d, np.full((len(q), k - kk), np.inf, np.float32)], axis=1)
+        ids = np.concatenate([ids, np.full((len(q), k - kk), -1, np.int64)], axis=1)
+    return d, ids
+
+
 class IndexKind:
     """One kind of faiss index: how to build it and what of it differs between kinds.
 

@@ -13,18 +13,18 @@ neighbour, the other kinds searched at their own breadth), asked only about the 
 floor (the map near the pixel threshold). A refined patch keeps the better of both stages' neighbours.
 
 The sparse discount needs each top patch's nearest reference's spread; instead of a k-NN search per patch at
-query time, `bank_spreads` computes every stored vector's spread once per bank (a search among its coarse
-cell and the `probe` nearest cells, exact within them) and `TwoStageBank.spread` reads it.
+query time, `TwoStageBank.spread` reads it from the bank generation's spread table (store/spreads.py), which the
+writer computed and saved with the generation (or, for an index without one, `build` computes once).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-import faiss
 import numpy as np
 
-from .kinds import direct_l2, sort_rows
+from .kinds import flat_knn
+from .spreads import SpreadTable, bank_spreads  # noqa: F401 - bank_spreads: the table's maths, named here too
 from .vectors import SPREAD_NEIGHBOURS, VectorIndex, uses_two_stage
 
 IMAGES_PER_QUERY = 8  # reference images whose patches stage 1 searches (docs/benchmarks.md, "Two-stage search")
@@ -32,10 +32,6 @@ IMAGES_PER_QUERY = 8  # reference images whose patches stage 1 searches (docs/be
 # own search from the entry point keeps: 64 missed the Magnetic Tile subset's image-AUROC bound by 0.0004
 # (docs/benchmarks.md, "Two-stage search")
 REFINE_BREADTH = 128
-# coarse cells besides its own among which a stored vector's spread neighbours are sought: with fewer, more are
-# missed and the discount's spreads run high (docs/benchmarks.md, "Two-stage search": 4 cells lost up to 0.0023
-# more image AUROC on Magnetic Tile)
-SPREAD_PROBE = 12
 
 
 @dataclass(frozen=True)
@@ -70,23 +66,6 @@ def unit_mean(vectors: np.ndarray) -> np.ndarray:
     return (v / max(float(np.linalg.norm(v)), 1e-12)).astype(np.float32)
 
 
-def flat_knn(queries: np.ndarray, base: np.ndarray, base_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(M, D) queries against (C, D) base vectors with (C,) ids -> (M, k) L2 distances (not squared) and ids,
-    exact (-1 / inf past C). One BLAS product: the cost of C vectors, not of the bank."""
-    q = np.ascontiguousarray(queries, np.float32)
-    b = np.ascontiguousarray(base, np.float32)
-    kk = min(k, len(b))
-    if kk == 0:
-        return np.full((len(q), k), np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-    _, pos = faiss.knn(q, b, kk)  # BLAS-path distances lose digits: recomputed from the vectors (`direct_l2`)
-    d, pos = sort_rows(direct_l2(q, b[pos]), pos)
-    ids = np.asarray(base_ids, np.int64)[pos]
-    if kk < k:
-        d = np.concatenate([d, np.full((len(q), k - kk), np.inf, np.float32)], axis=1)
-        ids = np.concatenate([ids, np.full((len(q), k - kk), -1, np.int64)], axis=1)
-    return d, ids
-
-
 def merge_neighbours(d_a: np.ndarray, i_a: np.ndarray, d_b: np.ndarray, i_b: np.ndarray,
                      k: int) -> tuple[np.ndarray, np.ndarray]:
     """Two (M, k) neighbour lists of the same queries (distances, ids; -1 = none) -> the (M, k) nearest of
@@ -104,75 +83,33 @@ def merge_neighbours(d_a: np.ndarray, i_a: np.ndarray, d_b: np.ndarray, i_b: np.
     return d.astype(np.float32), np.where(np.isinf(d), -1, i)
 
 
-def bank_spreads(vectors: np.ndarray, neighbours: int = SPREAD_NEIGHBOURS, probe: int = SPREAD_PROBE,
-                 seed: int = 0) -> np.ndarray:
-    """(N, D) stored vectors -> (N,) float32: each one's mean L2 distance to its `neighbours` nearest others,
-    sought exactly among the vectors of its own k-means cell and of the `probe` cells nearest it (cells of
-    about sqrt(N) vectors): what `VectorIndex.spread` measures, at IVF-like recall, for every vector at once.
-
-    Cost: N * (probe + 1) * sqrt(N) distances as BLAS products (1M vectors: about 49 s on 2 cores at SPREAD_PROBE).
-    """
-    x = np.ascontiguousarray(vectors, np.float32)
-    n = len(x)
-    if n <= neighbours:
-        raise ValueError(f"a spread over {neighbours} neighbours needs more than {neighbours} vectors")
-    cells = int(max(1, min(round(np.sqrt(n)), n // 64)))
-    if cells == 1:
-        d, _ = flat_knn(x, x, np.arange(n), neighbours + 1)
-        return d[:, 1:].mean(axis=1)
-    km = faiss.Kmeans(x.shape[1], cells, niter=10, seed=seed, max_points_per_centroid=64)
-    km.train(x)
-    _, nearest = km.index.search(x, 1)
-    cell_of = nearest[:, 0]
-    _, near_cells = km.index.search(km.centroids, min(probe + 1, cells))
-    order = np.argsort(cell_of, kind="stable")
-    bounds = np.searchsorted(cell_of[order], np.arange(cells + 1))
-    out = np.zeros(n, np.float32)
-    for c in range(cells):
-        members = order[bounds[c]:bounds[c + 1]]
-        if not len(members):
-            continue
-        pool = np.concatenate([order[bounds[j]:bounds[j + 1]] for j in near_cells[c] if j >= 0])
-        d, _ = flat_knn(x[members], x[pool], pool, neighbours + 1)
-        out[members] = np.where(np.isfinite(d[:, 1:]), d[:, 1:], np.nan).mean(axis=1)
-    return np.nan_to_num(out, nan=float(np.nanmedian(out)))
-
-
 class TwoStageBank:
     """A patch bank (`VectorIndex`) searched in two stages; what scoring needs of a bank (`search`, `ntotal`,
     `spread`, `typical_spread`, `spread_neighbours`) plus `coarse_search`. `images`: the pooled-vector bank
-    whose ids are `groups.images`; `spreads`: (N,) per stored id in `groups.ids` order (`bank_spreads`), or
-    None to ask `bank.spread`."""
+    whose ids are `groups.images`; `spreads`: the bank's spread table (store/spreads.py), or None to ask
+    `bank.spread`."""
 
     two_stage = True
     spread_neighbours = SPREAD_NEIGHBOURS
 
     def __init__(self, bank: VectorIndex, images: VectorIndex, groups: ImageGroups,
-                 spreads: np.ndarray | None = None, images_per_query: int = IMAGES_PER_QUERY):
+                 spreads: SpreadTable | None = None, images_per_query: int = IMAGES_PER_QUERY):
         self.bank, self.images, self.groups = bank, images, groups
         self.images_per_query = int(images_per_query)
-        self._spread_ids = self._spread_values = None
-        if spreads is not None:
-            spreads = np.asarray(spreads, np.float32)
-            if spreads.shape != groups.ids.shape:
-                raise ValueError(f"spreads must be ({len(groups.ids)},), got {spreads.shape}")
-            order = np.argsort(groups.ids)
-            self._spread_ids, self._spread_values = groups.ids[order], spreads[order].astype(np.float16)
-            self._typical = float(np.median(spreads))
+        self.spreads = spreads
 
     @classmethod
-    def build(cls, bank: VectorIndex, images: VectorIndex, owners: np.ndarray, **kw) -> "TwoStageBank":
-        """Over `bank` with (N, 2) [patch id, image id] `owners` (rows whose id the bank lacks are left out), the
-        spread table computed here (`bank_spreads`, over the vectors `all_vectors` gives: one pass)."""
-        held, vectors = bank.all_vectors()
-        order = np.argsort(held)
+    def build(cls, bank: VectorIndex, images: VectorIndex, owners: np.ndarray, spreads: SpreadTable | None = None,
+              **kw) -> "TwoStageBank":
+        """Over `bank` with (N, 2) [patch id, image id] `owners` (rows whose id the bank lacks are left out) and
+        the generation's spread table (None: computed here, `SpreadTable.computed`: one pass over the bank)."""
+        held = np.sort(bank.ids())
         owners = np.asarray(owners, np.int64).reshape(-1, 2)
-        pos = np.minimum(np.searchsorted(held[order], owners[:, 0]), max(len(held) - 1, 0))
-        known = held[order][pos] == owners[:, 0] if len(held) else np.zeros(len(owners), bool)
+        pos = np.minimum(np.searchsorted(held, owners[:, 0]), max(len(held) - 1, 0))
+        known = held[pos] == owners[:, 0] if len(held) else np.zeros(len(owners), bool)
         groups = image_groups(owners[known])
-        spreads = None
-        if len(groups.ids) > SPREAD_NEIGHBOURS:
-            spreads = bank_spreads(vectors[order[np.searchsorted(held[order], groups.ids)]])
+        if spreads is None and bank.ntotal > SPREAD_NEIGHBOURS:
+            spreads = SpreadTable.computed(bank)
         return cls(bank, images, groups, spreads, **kw)
 
     # -- what scoring asks of a bank --------------------------------------------------------------
@@ -217,20 +154,18 @@ class TwoStageBank:
     def spread(self, ids: np.ndarray, neighbours: int = SPREAD_NEIGHBOURS) -> np.ndarray:
         """(n,) stored ids -> (n,) float32 spreads, read from the table (the bank's own search without one)."""
         ids = np.asarray(ids, np.int64)
-        if self._spread_ids is None or neighbours != SPREAD_NEIGHBOURS:
+        if self.spreads is None or neighbours != SPREAD_NEIGHBOURS:
             return self.bank.spread(ids, neighbours)
-        pos = np.minimum(np.searchsorted(self._spread_ids, ids), len(self._spread_ids) - 1)
-        found = self._spread_ids[pos] == ids
-        out = self._spread_values[pos].astype(np.float32)
+        out, found = self.spreads.lookup(ids)
         if not found.all():
             out[~found] = self.bank.spread(ids[~found], neighbours)
         return out
 
     def typical_spread(self, neighbours: int = SPREAD_NEIGHBOURS, sample: int = 4000) -> float:
         """The median of the spread table (the bank's own `typical_spread` without one)."""
-        if self._spread_ids is None or neighbours != SPREAD_NEIGHBOURS:
+        if self.spreads is None or neighbours != SPREAD_NEIGHBOURS:
             return self.bank.typical_spread(neighbours, sample)
-        return self._typical
+        return self.spreads.typical
 
     def bytes_per_vector(self) -> int:
         """The wrapped index's bytes per vector (the groups and the spread table: `memory_bytes`)."""
@@ -242,15 +177,16 @@ class TwoStageBank:
     def memory_bytes(self) -> int:
         """The wrapped index's bytes plus the groups (8 bytes a vector) and the float16 spread table (2 + 8)."""
         extra = self.groups.ids.nbytes + self.groups.offsets.nbytes + self.groups.images.nbytes
-        if self._spread_ids is not None:
-            extra += self._spread_ids.nbytes + self._spread_values.nbytes
+        if self.spreads is not None:
+            extra += self.spreads.ids.nbytes + self.spreads.values.nbytes
         return self.bank.memory_bytes() + extra
 
 
-def scoring_bank(patches, images: VectorIndex, owners: Callable[[], np.ndarray], setting: str):
+def scoring_bank(patches, images: VectorIndex, owners: Callable[[], np.ndarray], setting: str,
+                 spreads: SpreadTable | None = None):
     """The bank to score against: `patches` itself, or a TwoStageBank over it when SearchConfig.two_stage `setting`
     says so for its size (`vectors.uses_two_stage`) and there are pooled image vectors to retrieve by.
     `owners()` gives the (N, 2) [patch id, image id] rows (`Catalog.vector_owners`), read only then."""
     if getattr(patches, "two_stage", False) or not images.ntotal or not uses_two_stage(setting, patches.ntotal):
         return patches
-    return TwoStageBank.build(patches, images, owners())
+    return TwoStageBank.build(patches, images, owners(), spreads)
