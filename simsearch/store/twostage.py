@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from .kinds import flat_knn
-from .spreads import SpreadTable, bank_spreads  # noqa: F401 - bank_spreads: the table's maths, named here too
+from .spreads import SpreadTable
 from .vectors import SPREAD_NEIGHBOURS, VectorIndex, uses_two_stage
 
 IMAGES_PER_QUERY = 8  # reference images whose patches stage 1 searches (docs/benchmarks.md, "Two-stage search")

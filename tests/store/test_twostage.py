@@ -10,7 +10,8 @@ from simsearch import Engine
 from simsearch.config import SearchConfig
 from simsearch.images import load_image
 from simsearch.scoring import refine_candidates, score_vectors, two_stage_neighbours
-from simsearch.store.twostage import (TwoStageBank, bank_spreads, flat_knn, gather, image_groups, merge_neighbours,
+from simsearch.store.spreads import bank_spreads
+from simsearch.store.twostage import (TwoStageBank, flat_knn, gather, image_groups, merge_neighbours,
                                       unit_mean)
 from simsearch.store.vectors import VectorIndex
 
