@@ -246,6 +246,10 @@ def main() -> None:
         parser.error("--dataset is required")
     settings = dict(parse_setting(s) for s in args.set)
     label = "+".join(args.set) or "default"
+    if args.layer_neighbourhoods or args.concat_neighbourhoods:
+        # these experiments patch the torch feature function, which an ONNX export would trace at other dimensions
+        # than the configuration names: run them on the torch embedder
+        os.environ["SIMSEARCH_RUNTIME"] = "torch"
     if args.layer_neighbourhoods:  # an experiment the configuration cannot express yet
         import simsearch.features as features
         windows, plain = tuple(int(w) for w in args.layer_neighbourhoods.split(",")), features.patch_features
