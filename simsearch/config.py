@@ -155,12 +155,13 @@ class IndexConfig:
     from there. Immutable: `replace(**changes)` gives a new one.
     """
 
-    __slots__ = ("embedder", "search")
+    __slots__ = ("embedder", "search", "_fingerprint")
 
     def __init__(self, **fields):
         embedder, search = _split(fields)
         object.__setattr__(self, "embedder", EmbedderConfig(**embedder))
         object.__setattr__(self, "search", SearchConfig(**search))
+        object.__setattr__(self, "_fingerprint", None)
 
     def __getattr__(self, name: str):
         part = "embedder" if name in EMBEDDER_FIELDS else "search" if name in SEARCH_FIELDS else None
@@ -170,6 +171,9 @@ class IndexConfig:
 
     def __setattr__(self, name, value):
         raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __reduce__(self):  # pickle (Ray's workers) through the plain record: the instance refuses setattr
+        return IndexConfig.from_dict, (self.to_dict(),)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, IndexConfig) and (self.embedder, self.search) == (other.embedder, other.search)
@@ -190,8 +194,10 @@ class IndexConfig:
 
     @property
     def fingerprint(self) -> str:
-        blob = json.dumps(self.embedder_fields(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        if getattr(self, "_fingerprint", None) is None:  # every query result names it: hash the embedder part once
+            blob = json.dumps(self.embedder_fields(), sort_keys=True, separators=(",", ":"))
+            object.__setattr__(self, "_fingerprint", hashlib.sha256(blob.encode()).hexdigest()[:16])
+        return self._fingerprint
 
     def to_dict(self) -> dict:
         return {**_plain(self.embedder), **_plain(self.search)}
@@ -216,4 +222,5 @@ class IndexConfig:
         new = object.__new__(IndexConfig)
         object.__setattr__(new, "embedder", dataclasses.replace(self.embedder, **embedder))
         object.__setattr__(new, "search", dataclasses.replace(self.search, **search))
+        object.__setattr__(new, "_fingerprint", None)
         return new

@@ -139,3 +139,15 @@ def test_a_fine_tuned_head_changes_the_fingerprint_by_its_hash_not_its_file_name
     # The frozen configuration's fields are unchanged, so fingerprints of existing indexes still match.
     assert "head" not in frozen.embedder_fields() and "head_sha256" not in frozen.embedder_fields()
     assert IndexConfig.from_json(tuned.to_json()) == tuned
+
+
+def test_a_configuration_pickles_and_copies_with_its_fingerprint():
+    import copy
+    import pickle
+    config = IndexConfig(short_side=128, k_neighbours=3, layers=(1, 2))
+    fingerprint = config.fingerprint
+    for again in (pickle.loads(pickle.dumps(config)), copy.deepcopy(config)):
+        assert again == config and again.fingerprint == fingerprint and again.layers == (1, 2)
+    changed = config.replace(short_side=160)
+    assert changed.fingerprint != fingerprint and config.fingerprint == fingerprint
+    assert changed.fingerprint == IndexConfig(short_side=160, k_neighbours=3, layers=(1, 2)).fingerprint
