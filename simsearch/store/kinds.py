@@ -21,9 +21,9 @@ HNSW_BUILD_BREADTH = 40  # efConstruction: candidates kept while linking a new v
 # efSearch unless set: recall@1 0.97 on 1M real patch vectors, 0.93 at 64 (docs/benchmarks.md, "hnsw").
 HNSW_SEARCH_BREADTH = 128
 TRAIN_PER_LIST = 64  # k-means training points per inverted list (faiss warns below 39)
-# Inverted lists per sqrt(N): 4 x sqrt(N) lists of 1M vectors (4,096) reach recall@1 0.95 at half the cost of
-# sqrt(N) lists (1,024) per searched vector (docs/benchmarks.md, "Two-stage search": bench/ivf_lists.py); past
-# MAX_LISTS the k-means that trains them costs minutes.
+# Inverted lists per sqrt(N): on 1M real vectors 4,096 lists reach recall@1 0.95 in half the time of 1,024
+# (docs/benchmarks.md, "Two-stage search": bench/ivf_lists.py); past MAX_LISTS the k-means that trains them
+# costs minutes.
 LISTS_PER_ROOT = 4
 MAX_LISTS = 4096
 PQ_TRAIN = 256 * 40  # training points for the 256-centroid product-quantizer codebooks (faiss wants >= 39 per centroid)
