@@ -656,7 +656,6 @@ def step_spread_table() -> dict:
     """What the writer now pays for the spread table it saves with each two-stage generation (store/spreads.py),
     over the auto kind's bank of the 1M tier and of every cached vector (2M): computed in full, saved, loaded,
     and extended after an add of one image's worth of new vectors (what a small add costs instead)."""
-    import tempfile as _tempfile
     import faiss
     from simsearch.runtime import configure_threads
     from simsearch.store.spreads import SpreadTable, next_table
@@ -679,7 +678,7 @@ def step_spread_table() -> dict:
         start = time.perf_counter()
         table = SpreadTable.computed(bank)
         full_s = time.perf_counter() - start
-        with _tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "spreads.g000001.safetensors"
             start = time.perf_counter()
             table.save(path)

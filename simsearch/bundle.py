@@ -44,8 +44,9 @@ def _files(directory: Path, generation: int) -> list[str]:
         path = bankfiles.existing_path(directory, bank, generation)
         if path is not None:
             names.append(path.name)
-    if bankfiles.spreads_path(directory, generation).is_file():
-        names.append(bankfiles.spreads_path(directory, generation).name)
+    spreads = bankfiles.spreads_path(directory, generation)
+    if spreads.is_file():
+        names.append(spreads.name)
     weights = directory / "weights"
     if weights.is_dir():
         names += sorted(str(p.relative_to(directory)) for p in weights.rglob("*")

@@ -194,7 +194,7 @@ class IndexConfig:
 
     @property
     def fingerprint(self) -> str:
-        if getattr(self, "_fingerprint", None) is None:  # every query result names it: hash the embedder part once
+        if self._fingerprint is None:  # every query result names it: hash the (immutable) embedder part once
             blob = json.dumps(self.embedder_fields(), sort_keys=True, separators=(",", ":"))
             object.__setattr__(self, "_fingerprint", hashlib.sha256(blob.encode()).hexdigest()[:16])
         return self._fingerprint

@@ -37,7 +37,8 @@ class Checker:
 
     def _load(self, generation: int, records: dict) -> tuple[dict[str, VectorIndex | None], dict[str, str]]:
         """Each bank of `generation` freshly read from disk and checked against its record, or None with the
-        reason it cannot be used (all None and no reasons: an index never written)."""
+        reason it cannot be used (all None and no reasons: an index never written), and its spread table
+        (key SPREADS) where it has a sound one."""
         banks: dict[str, VectorIndex | None] = dict.fromkeys(bankfiles.BANKS)
         why: dict[str, str] = {}
         if generation == 0 and all(bankfiles.existing_path(self.index.directory, b, 0) is None for b in banks):
@@ -55,6 +56,8 @@ class Checker:
             if spreads is not None and banks["patches"] is not None and not spreads.matches(banks["patches"]):
                 why[bankfiles.SPREADS] = (f"the spread table of generation {generation} does not hold the patch bank's "
                                           "ids")
+            else:
+                banks[bankfiles.SPREADS] = spreads  # sound: repair's next generation starts from it
         return banks, why
 
     def check(self) -> dict:
@@ -128,7 +131,8 @@ class Checker:
             banks, why = self._load(generation, snap["bank_files"])
             for bank, reason in why.items():
                 actions.append(f"{bank} bank of generation {generation} unusable ({reason}): rebuilding it")
-            view = BankView(generation, *(banks[b] or VectorIndex.flat(dim) for b in ("patches", "images")))
+            view = BankView(generation, *(banks[b] or VectorIndex.flat(dim) for b in ("patches", "images")),
+                            banks.get(bankfiles.SPREADS))
             diff = bank_diff(snap["vector_ids"], snap["reference_ids"], view)
             # `view` was read privately from disk: the transaction may change its banks in place.
             with index.banks.transaction(view) as txn:

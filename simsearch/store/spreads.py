@@ -43,7 +43,7 @@ def bank_spreads(vectors: np.ndarray, neighbours: int = SPREAD_NEIGHBOURS, probe
 
     Cells of about sqrt(N) vectors up to `flat_cells` cells (1M vectors), found by one k-means; beyond, cells of
     `cell_vectors` found in two levels (`two_level_cells`), so that the cost stays linear in N: about
-    N * (probe + 1) * min(sqrt(N), cell_vectors) distances as BLAS products (1M vectors: 57 s on 2 cores,
+    N * (probe + 1) * min(sqrt(N), cell_vectors) distances as BLAS products (1M vectors: 49 s on 2 cores,
     `bench/perf.py --steps spread-table`).
     """
     x = np.ascontiguousarray(vectors, np.float32)
@@ -57,14 +57,10 @@ def bank_spreads(vectors: np.ndarray, neighbours: int = SPREAD_NEIGHBOURS, probe
     if cells > flat_cells:
         cell_of, centroids = two_level_cells(x, max(flat_cells, n // cell_vectors), seed)
     else:
-        km = faiss.Kmeans(x.shape[1], cells, niter=10, seed=seed, max_points_per_centroid=64)
-        km.train(x)
-        _, nearest = km.index.search(x, 1)
-        cell_of, centroids = nearest[:, 0], km.centroids
+        cell_of, centroids = kmeans_cells(x, cells, seed)
     cells = len(centroids)
     _, near_cells = faiss.knn(centroids, centroids, min(probe + 1, cells))
-    order = np.argsort(cell_of, kind="stable")
-    bounds = np.searchsorted(cell_of[order], np.arange(cells + 1))
+    order, bounds = grouped(cell_of, cells)
     out = np.zeros(n, np.float32)
     for c in range(cells):
         members = order[bounds[c]:bounds[c + 1]]
@@ -80,13 +76,10 @@ def two_level_cells(x: np.ndarray, cells: int, seed: int = 0) -> tuple[np.ndarra
     """(N, D) float32 vectors -> (N,) int64 cell of each and (C, D) float32 cell centres, C about `cells`: a
     k-means of about sqrt(cells) groups, then a k-means within each group sized by its share of N. Assigning N
     vectors costs N * 2 * sqrt(cells) distances instead of N * cells for one k-means of that many cells."""
-    n, dim = x.shape
+    n = len(x)
     groups = max(2, int(round(np.sqrt(cells))))
-    top = faiss.Kmeans(dim, groups, niter=10, seed=seed, max_points_per_centroid=64)
-    top.train(x)
-    _, group_of = top.index.search(x, 1)
-    order = np.argsort(group_of[:, 0], kind="stable")
-    bounds = np.searchsorted(group_of[order, 0], np.arange(groups + 1))
+    group_of, _ = kmeans_cells(x, groups, seed)
+    order, bounds = grouped(group_of, groups)
     cell_of = np.zeros(n, np.int64)
     centres = []
     for g in range(groups):
@@ -98,12 +91,25 @@ def two_level_cells(x: np.ndarray, cells: int, seed: int = 0) -> tuple[np.ndarra
         if k == 1:
             found, centre = np.zeros(len(members), np.int64), part.mean(axis=0, keepdims=True)
         else:
-            sub = faiss.Kmeans(dim, k, niter=10, seed=seed, max_points_per_centroid=64)
-            sub.train(part)
-            found, centre = sub.index.search(part, 1)[1][:, 0], sub.centroids
+            found, centre = kmeans_cells(part, k, seed)
         cell_of[members] = sum(len(c) for c in centres) + found
         centres.append(np.asarray(centre, np.float32))
     return cell_of, np.ascontiguousarray(np.concatenate(centres))
+
+
+def kmeans_cells(x: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) float32 vectors -> (N,) int64 cell of each and (k, D) float32 centres of a k-means (10 rounds on at
+    most 64 points a centre)."""
+    km = faiss.Kmeans(x.shape[1], k, niter=10, seed=seed, max_points_per_centroid=64)
+    km.train(x)
+    return km.index.search(x, 1)[1][:, 0], km.centroids
+
+
+def grouped(labels: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) labels in [0, count) -> positions sorted by label and (count + 1,) bounds: label c's positions are
+    order[bounds[c]:bounds[c + 1]]."""
+    order = np.argsort(labels, kind="stable")
+    return order, np.searchsorted(labels[order], np.arange(count + 1))
 
 
 @dataclass(frozen=True)
@@ -192,7 +198,7 @@ def next_table(previous: SpreadTable | None, bank: VectorIndex) -> SpreadTable:
     ids = np.sort(bank.ids())
     if previous is not None and np.array_equal(previous.ids, ids):
         return previous
-    if previous is None or bank.ntotal <= SPREAD_NEIGHBOURS:
+    if previous is None:
         return SpreadTable.computed(bank)
     kept = np.isin(previous.ids, ids, assume_unique=True)
     new = np.setdiff1d(ids, previous.ids, assume_unique=True)

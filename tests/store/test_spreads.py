@@ -167,3 +167,17 @@ def test_a_bundle_seals_the_table_with_its_generation(two_stage_index):
     path.write_bytes(path.read_bytes()[:-2] + b"\x00\x00")
     with pytest.raises(bundle.BundleError, match=name):
         bundle.verify(directory)
+
+
+def test_repair_of_another_file_keeps_the_sound_table(two_stage_index, monkeypatch):
+    directory, embedder = two_stage_index
+    with opened(directory, embedder) as engine:
+        generation = engine.generation
+    images = bankfiles.bank_path(directory, "images", generation)
+    images.write_bytes(images.read_bytes()[:-16])  # the pooled-vector bank cut short
+    monkeypatch.setattr(SpreadTable, "computed",
+                        classmethod(lambda cls, bank: pytest.fail("repair recomputed a sound spread table")))
+    with opened(directory, embedder) as engine:
+        result = engine.repair()
+        assert result["after"]["ok"], result
+        assert engine.banks.view().spreads.matches(engine.banks.view().patches)
