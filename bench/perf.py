@@ -472,7 +472,7 @@ def step_coreset() -> dict:
 
 def step_auroc() -> dict:
     """Image AUROC with exact search against each approximate kind at its default nprobe, image score as the
-    engine computes it (scoring.discounted_image_score at the defaults)."""
+    engine computes it (scoring.score_candidates and candidates_score at the defaults)."""
     from simsearch.config import IndexConfig
     from simsearch.evaluation.datasets import category_names, load_category
     from simsearch.evaluation.metrics import image_auroc
@@ -522,10 +522,10 @@ def step_auroc() -> dict:
 
 
 def top_patches(scores: np.ndarray, nearest_ids: np.ndarray, bank, search, n: int = 16) -> np.ndarray:
-    """The positions of the `n` patches whose discounted scores make the image score (scoring.discounted_image_score's
-    choice: the 4 * top_k (at least 64) highest plain scores, discounted, the n highest of them)."""
-    from simsearch.scoring import discounted
-    m = min(len(scores), max(4 * search.image_top_k, 64))
+    """The positions of the `n` patches whose discounted scores make the image score (scoring.score_candidates'
+    choice: the `discount_candidates` highest plain scores, discounted, the n highest of them)."""
+    from simsearch.scoring import discount_candidates, discounted
+    m = discount_candidates(len(scores), search.image_top_k)
     top = np.argpartition(scores, len(scores) - m)[-m:]
     if search.sparse_discount == 0:
         return top[np.argsort(scores[top])[-n:]]

@@ -3,6 +3,9 @@
 For choosing defaults faster than full `simsearch eval` runs: no threshold folds (AUROC and AUPRO
 need none), optional subsampling of train and test, and every image-score top-k from one set of
 patch scores. Results are proxies; the chosen configuration is then measured by bench/accuracy.py.
+With no calibration, the border profile the engine's image score divides by (simsearch/borders.py) is learned
+from every other training image scored against a bank of the rest (up to BORDER_IMAGES of them), a stand-in for
+the calibration's folds.
 
     .venv/bin/python bench/sweep.py --dataset magnetic_tile --set short_side=128 --set layers=1,2 \
         --top-k 1 4 16 --train-every 2 --test-every 2
@@ -31,6 +34,27 @@ GRIDS = ROOT / "bench" / ".cache" / "sweep_grids"
 FLIPS = {"h": lambda rgb: rgb[:, ::-1], "v": lambda rgb: rgb[::-1], "hv": lambda rgb: rgb[::-1, ::-1]}
 
 
+def append_brightness(weight: float) -> None:
+    """Make every embedder append one channel to each cell: the cell's mean luminance (0-1) at the index scale,
+    minus the image's median cell, times `weight` (a low-frequency cue the texture features are blind to)."""
+    from simsearch.embedding import TileEmbedder
+    from simsearch.tiling import resize_to_scale
+
+    plain = TileEmbedder.embed
+
+    def embed(self, image):
+        grid = plain(self, image)
+        hc, wc = grid.grid_shape
+        rgb = resize_to_scale(image.rgb, self.config.scale_for(image.height, image.width), self.config.interpolation)
+        lum = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+        cells = cv2.resize(lum, (wc, hc), interpolation=cv2.INTER_AREA)
+        extra = (weight * (cells - np.median(cells)))[..., None].astype(np.float32)
+        grid.features = np.concatenate([grid.features, extra], axis=-1)
+        return grid
+
+    TileEmbedder.embed = embed
+
+
 def parse_setting(text: str) -> tuple[str, object]:
     key, _, value = text.partition("=")
     if value.lower() == "none":  # short_side=none: scale by the fixed factor `scale` instead
@@ -43,6 +67,21 @@ def parse_setting(text: str) -> tuple[str, object]:
     if key in ("scale", "blur_sigma"):
         return key, float(value)
     return key, value
+
+
+BORDER_IMAGES = 80
+
+
+def learned_borders(bank: list[np.ndarray], kind: str, search) -> list[float] | None:
+    """The border profile of every other bank grid [(Hc, Wc, D)] scored against a bank of the rest."""
+    from simsearch.borders import border_profile
+    from simsearch.store.vectors import VectorIndex
+
+    if search.border_discount == 0 or len(bank) < 2:
+        return None
+    half = VectorIndex.from_vectors(kind, np.concatenate([b.reshape(-1, b.shape[-1]) for b in bank[::2]]))
+    grids = [half.search(b.reshape(-1, b.shape[-1]), 1)[0][:, 0].reshape(b.shape[:2]) for b in bank[1::2][:BORDER_IMAGES]]
+    return border_profile(grids)
 
 
 def sweep_category(category, settings: dict, top_ks: list[int], train_every: int, test_every: int,
@@ -67,6 +106,7 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
         bank = [embedder.embed(im).features for im in train + flipped]
         vectors = np.concatenate([b.reshape(-1, b.shape[-1]) for b in bank]).astype(np.float32)
         index = VectorIndex.from_vectors(kind, vectors)
+        profile = learned_borders([b.astype(np.float32) for b in bank], kind, config.search)
         seconds["build"] = time.perf_counter() - start
         start = time.perf_counter()
         samples = category.test[::test_every]
@@ -78,7 +118,7 @@ def sweep_category(category, settings: dict, top_ks: list[int], train_every: int
             image = load_image(sample.path)
             grid = embedder.embed(image)
             hc, wc = grid.grid_shape
-            scored = score_grid(index, grid, config.search)  # the engine's scoring chain
+            scored = score_grid(index, grid, config.search, border_profile=profile)  # the engine's scoring chain
             scores, amap = scored.scores, scored.anomaly_map
             if density:
                 # How sparse the bank is around each patch's nearest reference (VectorIndex.spread): a match in
@@ -235,6 +275,8 @@ def main() -> None:
     parser.add_argument("--concat-neighbourhoods", help="patch vectors at several windows side by side, e.g. 1,3")
     parser.add_argument("--save-grids", action="store_true", help="also keep each image's score and map under "
                         "bench/.cache/sweep_grids/ (for bench/ensemble.py)")
+    parser.add_argument("--brightness", type=float, help="append each cell's luminance relative to the image's "
+                        "median, times this weight, to its patch vector (an experiment)")
     parser.add_argument("--flip-bank", nargs="+", choices=sorted(FLIPS), default=[],
                         help="also put these flips of every train image in the bank")
     parser.add_argument("--kind", default="flat", help="bank index kind (ivf-flat makes big banks affordable)")
@@ -264,6 +306,10 @@ def main() -> None:
             [plain(maps, w, dims) for w in windows], dim=-1)
         settings["neighbourhood_concat"] = list(windows)  # for the cache key only
         label += f"+concat={args.concat_neighbourhoods}"
+    if args.brightness:
+        append_brightness(args.brightness)
+        settings["neighbourhood_brightness"] = args.brightness  # for the cache key only
+        label += f"+brightness={args.brightness:g}"
     if args.flip_bank:
         settings["flip_bank"] = list(args.flip_bank)  # for the cache key only
         label += f"+flips={','.join(args.flip_bank)}"
@@ -279,7 +325,9 @@ def main() -> None:
         key = json.dumps([settings, embedder.embedder_fields(), args.top_k, args.train_every, args.test_every]
                          + ([args.kind] if args.kind != "flat" else []) + ([args.blur] if args.blur else [])
                          + ([["fractions"] + args.top_fraction] if args.top_fraction else [])
-                         + (["density-variants"] if args.density else []),
+                         + (["density-variants"] if args.density else [])
+                         # the border profile came later: a key without it is a run without it
+                         + ([["border", embedder.border_discount]] if embedder.border_discount else []),
                          sort_keys=True, default=list)
         path = CACHE / args.dataset / name / f"{label}.{hashlib.sha256(key.encode()).hexdigest()[:8]}.json"
         grids = GRIDS / path.relative_to(CACHE).with_suffix(".npz") if args.save_grids else None

@@ -31,7 +31,8 @@ from .errors import BadInput, ImageError, IndexNotReady, SimsearchError
 from .images import Image, expand_paths, load_image
 from .ingest import pooled_vector
 from .records import Calibration, Progress
-from .scoring import region_level, score_grid
+from .borders import border_divisors, border_profile
+from .scoring import candidates_score, region_level, score_grid
 from .store.banks import BankView
 
 HOLDOUT, FOLDS = "calibration images", "folds"
@@ -45,6 +46,9 @@ class GoodMeasure:
     level: float  # region level of its map (see scoring.region_level)
     pooled_distance: float  # its pooled vector's L2 distance to the nearest reference image
     stats: dict  # applicability.image_stats
+    grid: np.ndarray  # (Hc, Wc) plain patch scores, from which the border profile is learned
+    candidates: np.ndarray  # (n,) positions and (n,) scores the image score is taken from (scoring.score_candidates)
+    candidate_scores: np.ndarray
     fold: int | None = None  # with folds of the bank: the fold it was scored in
 
 
@@ -130,7 +134,20 @@ class Calibrator:
         pooled = pooled_vector(scored.grid)
         distance = float(applicability.nearest_distances(pooled[None, :], other_pooled)[0])
         return GoodMeasure(scored.score, region_level(scored.anomaly_map, area), distance,
-                           applicability.image_stats(img.rgb))
+                           applicability.image_stats(img.rgb), scored.scores, scored.candidates,
+                           scored.candidate_scores)
+
+    def _learn_borders(self, measures: list[GoodMeasure]) -> list[float] | None:
+        """The border profile of these good images (borders.py), and their image scores taken again with it, as
+        a query will take them; None (scores unchanged) when the configuration does not divide by it."""
+        search = self.index.config.search
+        if search.border_discount == 0 or not measures:
+            return None
+        profile = border_profile([m.grid for m in measures])
+        for m in measures:
+            m.score = candidates_score(m.candidates, m.candidate_scores, search.image_top_k,
+                                       border_divisors(m.grid.shape, profile, search.border_discount))
+        return profile
 
     def _held_measures(self, files: list[str], view: BankView, area: int, progress: Progress | None,
                        new_rows: dict | None = None) -> list[GoodMeasure]:
@@ -248,8 +265,10 @@ class Calibrator:
         else:
             measures = self._held_measures(good_files, view, area, progress, new_rows)
             source = {"kind": HOLDOUT}
-        defect_scores = [self.index.inspector.score(load_image(p), view).score for p in defect_files]
-        values = self._values(measures, defect_scores, target_fpr, area, view.generation, source)
+        profile = self._learn_borders(measures)
+        defect_scores = [self.index.inspector.score(load_image(p), view, border_profile=profile).score
+                         for p in defect_files]
+        values = self._values(measures, defect_scores, target_fpr, area, view.generation, source, profile)
         catalog = self.index.catalog
         with self.index.writer_lock():
             with catalog.begin() as conn:
@@ -260,8 +279,8 @@ class Calibrator:
         return self._record(cal_id, values)
 
     def _values(self, measures: list[GoodMeasure], defect_scores: list[float], target_fpr: float, area: int,
-                generation: int, source: dict) -> dict:
-        """The calibrations row of these measures."""
+                generation: int, source: dict, profile: list[float] | None) -> dict:
+        """The calibrations row of these measures (`profile`: the border profile their scores were taken with)."""
         good_scores = [m.score for m in measures]
         levels = [m.level for m in measures]
         image_choice = threshold_for_fpr(np.asarray(good_scores), target_fpr)
@@ -285,7 +304,7 @@ class Calibrator:
                              "expected_fpr": image_choice.expected_fpr, "k": image_choice.k,
                              "target_met": image_choice.target_met, "f1": f1, "source": source,
                              "applicability": limits, "fold_spread": spread,
-                             "good_folds": [m.fold for m in measures]})
+                             "good_folds": [m.fold for m in measures], "border_profile": profile})
 
     @staticmethod
     def _record(cal_id: int, values: dict) -> Calibration:
@@ -339,4 +358,5 @@ class Calibrator:
             if not held:
                 raise IndexNotReady("the index holds no calibration images")
             measures = self._held_measures([r["path"] for r in held], view, area, None)
-        return self._values(measures, [], target, area, view.generation, source)
+        profile = self._learn_borders(measures)
+        return self._values(measures, [], target, area, view.generation, source, profile)

@@ -27,7 +27,7 @@ DEFAULT_BACKBONE = "tf_efficientnet_lite1"
 
 # Field -> value meaning "what the code did before this field existed".
 LEGACY_DEFAULTS: dict[str, object] = {"short_side": None, "image_top_k": 1, "sparse_discount": 0.0, "head": "",
-                                      "head_sha256": "", "two_stage": "off"}
+                                      "head_sha256": "", "two_stage": "off", "border_discount": 0.0}
 # Embedder fields that name files: their content is named by the hashes beside them.
 FILE_NAME_FIELDS = ("weights", "head")
 
@@ -112,6 +112,9 @@ class SearchConfig:
     # ...each discounted by (typical spread / its nearest reference's spread) ** this, where the bank is sparser
     # than typical (scoring.discounted; 0 = plain distances).
     sparse_discount: float = 0.5
+    # ...and divided by (its ring's border factor) ** this, the factors being how much higher good images score
+    # near their edges, learned by the calibration (borders.py; 0 = not divided; the map is never divided).
+    border_discount: float = 2.0
     blur_sigma: float = 4.0
     # Two-stage search of the patch bank (store/twostage.py): "auto" from store.vectors.TWO_STAGE_FROM vectors,
     # "on" whatever the size, "off" never. The full Magnetic Tile eval with it stayed within 0.0022 of one stage
@@ -124,6 +127,7 @@ class SearchConfig:
         _require(self.index_kind in KINDS, f"index kind must be one of {', '.join(KINDS)}, got {self.index_kind!r}")
         _require(self.image_top_k >= 1, f"image top k must be >= 1, got {self.image_top_k}")
         _require(self.sparse_discount >= 0, f"sparse discount must be >= 0, got {self.sparse_discount}")
+        _require(self.border_discount >= 0, f"border discount must be >= 0, got {self.border_discount}")
         _require(self.nprobe is None or self.nprobe >= 1, f"nprobe must be >= 1, got {self.nprobe}")
         _require(self.k_neighbours >= 1, f"k must be >= 1, got {self.k_neighbours}")
         _require(self.blur_sigma >= 0, f"blur sigma must be >= 0, got {self.blur_sigma}")

@@ -33,15 +33,19 @@ class Inspector:
         self.index = index
         self._drift_lines: dict[int, tuple[float, int, int]] = {}  # calibration id -> drift.drift_line
 
-    def score(self, image: Image, view: BankView, cal: dict | None = None) -> ScoredImage:
+    def score(self, image: Image, view: BankView, cal: dict | None = None,
+              border_profile: list[float] | None = None) -> ScoredImage:
         """One image through the scoring chain against `view`'s patch bank (searched in two stages where the
         configuration says so: then every patch near `cal`'s pixel threshold is searched fully, see
-        REFINE_FROM)."""
+        REFINE_FROM), its image score taken with `cal`'s border profile (or the one given; none before a
+        calibration)."""
         if view.patches.ntotal == 0:
             raise IndexNotReady("the index has no reference images yet (run `simsearch index add`)")
         grid = self.index.embedder.embed(image)
         floor = REFINE_FROM * cal["pixel_threshold"] if cal and cal.get("pixel_threshold") else None
-        return score_grid(self.index.banks.scorer(view), grid, self.index.config.search, floor)
+        if border_profile is None and cal is not None:
+            border_profile = cal["details"].get("border_profile")
+        return score_grid(self.index.banks.scorer(view), grid, self.index.config.search, floor, border_profile)
 
     def query(self, image: str | os.PathLike | np.ndarray | Image) -> QueryResult:
         return self.query_many([image])[0]

@@ -38,7 +38,9 @@ class RegionResult:
 @dataclass
 class QueryResult:
     image: str  # the path exactly as given, or "<array>"
-    score: float  # mean of the image_top_k highest patch distances to the bank (L2), sparse-bank discounted
+    # mean of the image_top_k highest patch distances to the bank (L2), sparse-bank discounted and divided near the
+    # image's edges by the calibration's border profile (borders.py; none before a calibration)
+    score: float
     threshold: float | None  # image threshold of a fresh calibration, else None
     is_anomalous: bool | None  # None without a fresh calibration
     similarity: float | None  # 0.5 ** (score / threshold): 1 identical, 0.5 at the threshold

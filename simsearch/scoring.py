@@ -4,7 +4,8 @@
 
 A patch's score is its L2 distance to the nearest reference patch (mean over k neighbours when
 k > 1); the image score is the mean of the highest patch scores, optionally discounted where the
-nearest reference lies in a sparse part of the bank. The map interpolates patch scores to the
+nearest reference lies in a sparse part of the bank, and near the image's edges by the level good images
+reach there (borders.py; the calibration learns it). The map interpolates patch scores to the
 index's scale, smooths them with a Gaussian there, as PatchCore does, and resizes them to the
 original. The engine, the eval runner and the bench scripts all score through `score_vectors` /
 `score_grid`.
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .borders import border_divisors
 from .config import SearchConfig
 from .tiling import grid_to_image
 
@@ -35,6 +37,10 @@ class PatchScores:
     nearest_distances: np.ndarray  # (N,) float32 L2 distance to it
     image_score: float  # the mean of the top_k highest discounted patch scores
     refined: np.ndarray | None = None  # (N,) bool: searched in the whole bank (two-stage banks; None: all were)
+    # The patches the image score was taken from (`score_candidates`): positions and sparse-discounted scores,
+    # before any border divisor, so a calibration can take its score again once it has learned the borders.
+    candidates: np.ndarray | None = None  # (n,) int64
+    candidate_scores: np.ndarray | None = None  # (n,) float32
 
 
 @dataclass(frozen=True)
@@ -47,40 +53,46 @@ class ScoredImage:
     nearest_distances: np.ndarray  # (Hc, Wc) float32
     score: float  # the image score
     anomaly_map: np.ndarray  # (H, W) float32 at the image's own resolution
+    candidates: np.ndarray | None = None  # see PatchScores (positions in the grid, row-major)
+    candidate_scores: np.ndarray | None = None
 
 
-def score_vectors(bank, vectors: np.ndarray, search: SearchConfig, refine_above: float | None = None) -> PatchScores:
+def score_vectors(bank, vectors: np.ndarray, search: SearchConfig, refine_above: float | None = None,
+                  divisors: np.ndarray | None = None) -> PatchScores:
     """(N, D) float32 patch vectors of one image -> PatchScores against `bank`, with the search
     configuration's k neighbours, image top-k and sparse discount. `refine_above`: on a two-stage bank, patches
-    whose stage-1 score exceeds it are searched fully too (the map near the pixel threshold)."""
+    whose stage-1 score exceeds it are searched fully too (the map near the pixel threshold). `divisors` (N,):
+    each patch's border divisor for the image score (borders.border_divisors; None: none)."""
     refined = None
     if getattr(bank, "two_stage", False):
-        distances, ids, refined = two_stage_neighbours(bank, vectors, search, refine_above)
+        distances, ids, refined = two_stage_neighbours(bank, vectors, search, refine_above, divisors)
     else:
         distances, ids = bank.search(vectors, search.k_neighbours)
     scores = patch_scores(distances)
+    positions, values = score_candidates(scores, ids[:, 0], bank, search.image_top_k, search.sparse_discount)
     return PatchScores(scores, ids[:, 0].copy(), distances[:, 0].copy(),
-                       discounted_image_score(scores, ids[:, 0], bank, search.image_top_k, search.sparse_discount),
-                       refined)
+                       candidates_score(positions, values, search.image_top_k, divisors), refined, positions, values)
 
 
 TOP_MARGIN = 16  # stage 2's first round: image_top_k + this many patches by stage-1 score (docs/benchmarks.md)
 
 
-def refine_candidates(upper: np.ndarray, refined: np.ndarray, level: float, floor: float | None) -> np.ndarray:
+def refine_candidates(upper: np.ndarray, refined: np.ndarray, level: float, floor: float | None,
+                      divisors: np.ndarray | None = None) -> np.ndarray:
     """(N,) stage-1 patch scores (upper bounds of the full search's), (N,) bool already refined, the `image_top_k`-th
     highest discounted score among the refined, and an optional floor -> (N,) bool: the unrefined patches that can
     still matter. One whose upper bound is <= `level` cannot enter the image score's top k (its true score, and
-    discounting only lowers it, is <= level); one above `floor` may shape the map near the pixel threshold."""
+    discounting only lowers it, is <= level); one above `floor` may shape the map near the pixel threshold.
+    `divisors` (N,): the border divisors the image score applies (`level` is then of divided scores)."""
     u = np.asarray(upper, np.float32)
-    need = u > level
+    need = (u if divisors is None else u / divisors) > level
     if floor is not None:
         need |= u > floor
     return need & ~np.asarray(refined, bool)
 
 
-def two_stage_neighbours(bank, vectors: np.ndarray, search: SearchConfig,
-                         refine_above: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def two_stage_neighbours(bank, vectors: np.ndarray, search: SearchConfig, refine_above: float | None = None,
+                         divisors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, D) patch vectors of one image -> (N, k) distances, (N, k) ids and (N,) bool refined, from a two-stage bank.
 
     Stage 1 (`bank.coarse_search`) for every patch; stage 2 (`bank.refine`) for the image_top_k + TOP_MARGIN
@@ -109,8 +121,10 @@ def two_stage_neighbours(bank, vectors: np.ndarray, search: SearchConfig,
     top = min(search.image_top_k, len(exact))
     if search.sparse_discount > 0 and bank.ntotal > bank.spread_neighbours:
         exact = discounted(exact, bank.spread(ids[refined, 0]), bank.typical_spread(), search.sparse_discount)
+    if divisors is not None:
+        exact = exact / divisors[refined]
     level = float(np.partition(exact, len(exact) - top)[-top]) if len(exact) >= search.image_top_k else -np.inf
-    refine(refine_candidates(upper, refined, level, refine_above))
+    refine(refine_candidates(upper, refined, level, refine_above, divisors))
     return d, ids, refined
 
 
@@ -129,16 +143,20 @@ def anomaly_map(grid_scores: np.ndarray, layout, height: int, width: int, sigma:
     return fine
 
 
-def score_grid(bank, grid, search: SearchConfig, refine_above: float | None = None) -> ScoredImage:
+def score_grid(bank, grid, search: SearchConfig, refine_above: float | None = None,
+               border_profile: list[float] | None = None) -> ScoredImage:
     """A PatchGrid (`features` (Hc, Wc, D), `layout`, `original_size`) -> ScoredImage (`refine_above`: see
-    `score_vectors`)."""
+    `score_vectors`; `border_profile`: a calibration's, borders.border_profile, applied to the image score with
+    the configuration's border power; the map stays plain)."""
     hc, wc = grid.grid_shape
-    scored = score_vectors(bank, grid.features.reshape(hc * wc, -1), search, refine_above)
+    divisors = border_divisors((hc, wc), border_profile, search.border_discount)
+    scored = score_vectors(bank, grid.features.reshape(hc * wc, -1), search, refine_above, divisors)
     scores = scored.scores.reshape(hc, wc)
     height, width = grid.original_size
     return ScoredImage(grid=grid, scores=scores, nearest_ids=scored.nearest_ids.reshape(hc, wc),
                        nearest_distances=scored.nearest_distances.reshape(hc, wc), score=scored.image_score,
-                       anomaly_map=anomaly_map(scores, grid.layout, height, width, search.blur_sigma))
+                       anomaly_map=anomaly_map(scores, grid.layout, height, width, search.blur_sigma),
+                       candidates=scored.candidates, candidate_scores=scored.candidate_scores)
 
 
 def patch_scores(distances: np.ndarray) -> np.ndarray:
@@ -176,20 +194,47 @@ def discounted(scores: np.ndarray, spreads: np.ndarray, typical: float, power: f
     return s * (typical / np.maximum(sp, typical)) ** power
 
 
-def discounted_image_score(scores: np.ndarray, nearest_ids: np.ndarray, bank, top_k: int, power: float) -> float:
-    """Patch scores (any shape) and the ids of their nearest references in `bank` (a VectorIndex) -> the mean
-    of the `top_k` highest `discounted` patch scores.
+def discount_candidates(patches: int, top_k: int) -> int:
+    """How many of an image's `patches` highest plain scores the sparse discount looks at: 16 x top_k, at least
+    256. With 64 the tire's image AUROC was 0.011 lower: heavily discounted patches (rare but good looks) pushed
+    the true top 16 beyond them (docs/benchmarks.md, "Border levels")."""
+    return min(patches, max(16 * top_k, 256))
 
-    Only the 4 * top_k (at least 64) highest plain scores are looked up: discounting only lowers a score.
+
+def score_candidates(scores: np.ndarray, nearest_ids: np.ndarray, bank, top_k: int,
+                     power: float) -> tuple[np.ndarray, np.ndarray]:
+    """Patch scores (any shape) and the ids of their nearest references in `bank` (a VectorIndex) -> the
+    patches an image score is taken from: (n,) int64 positions (in the flattened scores) and their (n,) float32
+    `discounted` scores.
+
+    Only the `discount_candidates` highest plain scores are looked up: discounting only lowers a score (so
+    does a border divisor). With no discount (power 0, or too few references to tell sparse from dense) every
+    patch is a candidate.
     """
     flat, ids = np.asarray(scores, np.float32).ravel(), np.asarray(nearest_ids, np.int64).ravel()
     if flat.shape != ids.shape:
         raise ValueError(f"scores and ids must match, got {flat.shape} and {ids.shape}")
-    if power == 0 or bank.ntotal <= bank.spread_neighbours:  # too few references to tell sparse from dense
-        return image_score(flat, top_k)
-    n = min(flat.size, max(4 * top_k, 64))
-    top = np.argpartition(flat, flat.size - n)[-n:]
-    return image_score(discounted(flat[top], bank.spread(ids[top]), bank.typical_spread(), power), top_k)
+    if flat.size == 0:
+        raise ValueError("no patch scores")
+    if power == 0 or bank.ntotal <= bank.spread_neighbours:
+        return np.arange(flat.size, dtype=np.int64), flat
+    n = discount_candidates(flat.size, top_k)
+    top = np.argpartition(flat, flat.size - n)[-n:].astype(np.int64)
+    return top, discounted(flat[top], bank.spread(ids[top]), bank.typical_spread(), power)
+
+
+def candidates_score(positions: np.ndarray, values: np.ndarray, top_k: int, divisors: np.ndarray | None = None) -> float:
+    """`score_candidates`' (n,) positions and (n,) scores, and optional border divisors of every patch
+    ((N,), borders.border_divisors) -> the image score: the mean of the `top_k` highest (divided) scores."""
+    v = np.asarray(values, np.float32)
+    return image_score(v if divisors is None else v / divisors[np.asarray(positions, np.int64)], top_k)
+
+
+def discounted_image_score(scores: np.ndarray, nearest_ids: np.ndarray, bank, top_k: int, power: float,
+                           divisors: np.ndarray | None = None) -> float:
+    """Patch scores (any shape) and the ids of their nearest references in `bank` (a VectorIndex) -> the mean
+    of the `top_k` highest `discounted` patch scores (each divided by its border divisor, if given)."""
+    return candidates_score(*score_candidates(scores, nearest_ids, bank, top_k, power), top_k, divisors)
 
 
 def smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:

@@ -84,6 +84,7 @@ def test_embedder_fields():
     {"nprobe": 0},
     {"k_neighbours": 0},
     {"two_stage": "sometimes"},
+    {"border_discount": -1.0},
 ])
 def test_invalid_values_raise(bad):
     with pytest.raises(ValueError):
@@ -100,9 +101,11 @@ def test_unknown_field_in_from_dict_raises():
 
 
 def test_from_dict_fills_missing_fields_with_defaults_or_their_legacy_values():
-    # short_side and image_top_k came later: a stored configuration without them meant "native scale, max".
+    # short_side and image_top_k came later: a stored configuration without them meant "native scale, max";
+    # one without border_discount, an image score not divided at the borders.
     assert IndexConfig.from_dict({"tile_size": 128, "tile_stride": 64}) == IndexConfig(
-        tile_size=128, tile_stride=64, short_side=None, image_top_k=1, sparse_discount=0.0, two_stage="off")
+        tile_size=128, tile_stride=64, short_side=None, image_top_k=1, sparse_discount=0.0, two_stage="off",
+        border_discount=0.0)
 
 
 def test_config_is_frozen():

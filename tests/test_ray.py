@@ -82,7 +82,9 @@ def test_ray_add_builds_the_bank_a_local_add_builds_even_when_a_worker_is_lost(t
     np.testing.assert_allclose(vec_r, vec_l, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scores[1], scores[0], rtol=1e-4)
     assert scores[0][1] > scores[0][0]  # the probes tell good from defective: the scores compared mean something
-    assert killed and len(list(pids.iterdir())) == 3  # Ray started a third actor for the lost one's batches
+    # A worker was lost mid-add and the bank is still whole (above). Whether Ray Data starts a third actor for the
+    # lost one's blocks or the survivor takes them depends on timing (under load the survivor had finished first).
+    assert killed and killed[0] in {int(p.name) for p in pids.iterdir()}
 
 
 def test_ray_add_of_an_unreadable_named_file_changes_nothing(tmp_path, cluster):

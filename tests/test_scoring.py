@@ -218,14 +218,14 @@ class _Bank:
 
 
 def test_discounted_image_score_on_a_rare_good_match():
-    # 100 patches: 98 low, one high matched in a sparse place (id 7), one a little lower matched in a typical one.
-    scores = np.full(100, 1.0, np.float32)
+    # 400 patches: 398 low, one high matched in a sparse place (id 10), one a little lower matched in a typical one.
+    scores = np.full(400, 1.0, np.float32)
     scores[10], scores[20] = 10.0, 8.0
-    ids = np.arange(100) % 50
+    ids = np.arange(400) % 50
     bank = _Bank({i: 2.0 for i in range(50)} | {10: 10.0}, typical=2.0)
     # top 1: patch 10 is worth 10 * 2 / 10 = 2 now, patch 20 keeps its 8
     assert discounted_image_score(scores, ids, bank, top_k=1, power=1.0) == pytest.approx(8.0)
-    assert len(bank.looked_up) == 64  # only the 64 highest patches were looked up
+    assert len(bank.looked_up) == 256  # only the 256 highest patches were looked up
     assert discounted_image_score(scores, ids, bank, top_k=2, power=1.0) == pytest.approx(5.0)
     assert discounted_image_score(scores, ids, bank, top_k=1, power=0.0) == pytest.approx(10.0)
     bank.ntotal = 8  # too few references to judge density: plain top-k

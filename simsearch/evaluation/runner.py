@@ -61,6 +61,7 @@ class CategoryResult:
     expected_fpr: float  # what the threshold rule promises with this many cross-scores
     fold_order: str = "capture"  # how train/good was cut into the threshold's folds
     fold_spread: dict | None = None  # per fold: its own threshold, its share above the threshold (fold_spread)
+    border_profile: list | None = None  # what the calibration learned of the edges (borders.py); engine only
     seconds: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0
     # With fine-tuning: the head's training (loss, steps, seed, final loss...); None for the frozen embedder.
@@ -127,6 +128,7 @@ def _run_patchcore(category: Category, settings: dict, folds: int, workdir, prog
         train_scores = np.asarray(measured["details"]["good_scores"])
         train_folds = np.asarray(measured["details"]["good_folds"])
         levels, area = np.asarray(measured["details"]["region_levels"]), int(measured["min_region_area"])
+        profile = measured["details"].get("border_profile")
         seconds["threshold"] = time.perf_counter() - start
         start = time.perf_counter()
 
@@ -136,7 +138,7 @@ def _run_patchcore(category: Category, settings: dict, folds: int, workdir, prog
         tests = _score_tests(category, score, progress)
         engine.close()
         seconds["test"] = time.perf_counter() - start
-    return train_scores, train_folds, tests, levels, area
+    return train_scores, train_folds, tests, levels, area, profile
 
 
 def _run_detector(cls: Callable, category: Category, folds: int, progress, seconds: dict,
@@ -168,7 +170,7 @@ def _run_detector(cls: Callable, category: Category, folds: int, progress, secon
     start = time.perf_counter()
     tests = _score_tests(category, detector.score, progress)
     seconds["test"] = time.perf_counter() - start
-    return train_scores, train_folds, tests, None, None
+    return train_scores, train_folds, tests, None, None, None
 
 
 def evaluate_category(category: Category, *, method: str = "patchcore", settings: dict | None = None,
@@ -184,10 +186,10 @@ def evaluate_category(category: Category, *, method: str = "patchcore", settings
     if (finetune is not None or coreset is not None) and method != "patchcore":
         raise BadInput(f"fine-tuning and a coreset apply to the engine (patchcore), not to {method!r}")
     if method == "patchcore":
-        train_scores, train_folds, tests, levels, area = _run_patchcore(
+        train_scores, train_folds, tests, levels, area, profile = _run_patchcore(
             category, settings or {}, folds, workdir, progress, seconds, finetune, trained, coreset, fold_order)
     elif method in BASELINES:
-        train_scores, train_folds, tests, levels, area = _run_detector(BASELINES[method], category, folds, progress,
+        train_scores, train_folds, tests, levels, area, profile = _run_detector(BASELINES[method], category, folds, progress,
                                                                        seconds, fold_order)
     else:
         raise BadInput(f"unknown method {method!r}; available: {METHODS}")
@@ -215,7 +217,7 @@ def evaluate_category(category: Category, *, method: str = "patchcore", settings
         best_f1=metrics.best_f1(labels, scores)[0] if 0 < labels.sum() < len(labels) else None,
         fpr_good=at["fpr_good"], target_fpr=target_fpr, expected_fpr=choice.expected_fpr,
         fold_order=fold_order, fold_spread=fold_spread(train_scores, train_folds, choice.threshold, target_fpr),
-        pixel_threshold=pixel_threshold, min_region_area=area,
+        pixel_threshold=pixel_threshold, min_region_area=area, border_profile=profile,
         confusion={k: at[k] for k in ("tp", "fp", "tn", "fn")},
         per_defect=per_defect_metrics([s.defect_type for s, _, _ in tests], scores, masks, maps),
         cases=cases, finetune=trained or None)

@@ -67,6 +67,8 @@ def test_eval_cli_json_and_report(tmp_path):
     assert [r["category"] for r in lines] == [PIPED.name, "mean"]
     assert lines[0]["image_auroc"] == lines[1]["image_auroc"] >= 0.95
     assert "cases" not in lines[0]
+    profile = lines[0]["border_profile"]  # what the calibration learned of the edges, at least 1 a ring
+    assert len(profile) == 8 and min(profile) >= 1.0 and profile[0] > 1.0
     assert lines[0]["per_defect"]["impurity"]["count"] == 48
     assert sum(lines[0]["confusion"].values()) == 64
     report = (tmp_path / "rep" / "report.md").read_text()
