@@ -139,7 +139,12 @@ class Calibrator:
 
     def _learn_borders(self, measures: list[GoodMeasure]) -> list[float] | None:
         """The border profile of these good images (borders.py), and their image scores taken again with it, as
-        a query will take them; None (scores unchanged) when the configuration does not divide by it."""
+        a query will take them; None (scores unchanged) when the configuration does not divide by it.
+
+        On a two-stage bank the measures were refined before the profile was known, by the undivided rule: a patch
+        a query's divided rule would refine can keep its stage-1 distance (an upper bound) here, so a calibration
+        score can differ a little from the query's for the same image, mostly above it. Flat banks agree exactly
+        (tests/test_borders.py)."""
         search = self.index.config.search
         if search.border_discount == 0 or not measures:
             return None
@@ -313,7 +318,8 @@ class Calibrator:
                            target_fpr=values["target_fpr"], expected_fpr=values["details"]["expected_fpr"],
                            n_good=values["n_good"], n_defect=values["n_defect"], method=values["method"],
                            f1_threshold=values["f1_threshold"], f1=values["details"]["f1"],
-                           generation=values["generation"], fold_spread=values["details"]["fold_spread"])
+                           generation=values["generation"], fold_spread=values["details"]["fold_spread"],
+                           border_profile=values["details"]["border_profile"])
 
     # -- after a write ------------------------------------------------------------------------------------
     def after_write(self, txn, change: str, recalibrate: bool) -> str | None:

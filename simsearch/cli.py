@@ -315,6 +315,10 @@ def calibrate(
         out.print(f"  per fold: thresholds {min(spread['thresholds']):.4f} to {max(spread['thresholds']):.4f}, "
                   f"good images above the threshold {100 * min(spread['false_alarms']):.1f}% to "
                   f"{100 * max(spread['false_alarms']):.1f}%")
+    if cal.border_profile:
+        rings = ", ".join(f"{f:.2f}" for f in cal.border_profile[:3])
+        out.print(f"  border levels: good images scored {rings} x the interior on the outermost rings of patches; "
+                  "image scores are divided by them there")
     if cal.f1_threshold is not None:
         out.print(f"  F1-best threshold on {cal.n_defect} defective + {cal.n_good} good images: "
                   f"{cal.f1_threshold:.4f} (F1 {cal.f1:.3f}); verdicts use the target-rate threshold")

@@ -91,6 +91,9 @@ class Calibration:
     # With folds of the bank: per fold, the threshold its own scores give and its share above this threshold
     # (calibrator.fold_spread); a wide spread means batches differ and the promise is fragile.
     fold_spread: dict | None = None
+    # Per ring of patch cells from the image's edge (outermost first): how much higher good images scored there
+    # than inside (borders.py); the image score divides by these to the configuration's power. None: not used.
+    border_profile: list | None = None
 
 
 # -- the JSON record: keys and units as the README documents them ----------------------------------------

@@ -198,7 +198,7 @@ def test_every_command_prints_its_plain_output_with_file_names_as_they_are(index
     plain("index", "info", expect=["reference_images", str(copy)])
     plain("index", "check", expect=["consistent"])
     plain("index", "repair", expect=["nothing to repair", "consistent"])
-    plain("calibrate", expect=["calibration #"])
+    plain("calibrate", expect=["calibration #", "border levels: good images scored"])
     plain("index", "remove", odd[1], expect=["removed 1 images"])
     head = tmp_path / "head [x].safetensors"
     plain("finetune", *odd[:2], "--out", str(head), "--steps", "2", expect=[f"wrote {head}", f"--weights {head}"])
