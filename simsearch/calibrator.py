@@ -128,37 +128,43 @@ class Calibrator:
         return int(round(side * side))
 
     # -- measuring ----------------------------------------------------------------------------------------
-    def _measure(self, img: Image, bank, other_pooled: np.ndarray, area: int) -> GoodMeasure:
-        """One good image scored against `bank`; its pooled distance to `other_pooled` ((M, D) references)."""
-        scored = score_grid(bank, self.index.embedder.embed(img), self.index.config.search)
+    def _measure(self, img: Image, bank, other_pooled: np.ndarray, area: int,
+                 profile: list[float] | None = None) -> GoodMeasure:
+        """One good image scored against `bank` (its image score with the border `profile`, if given); its pooled
+        distance to `other_pooled` ((M, D) references)."""
+        scored = score_grid(bank, self.index.embedder.embed(img), self.index.config.search,
+                            border_profile=profile)
         pooled = pooled_vector(scored.grid)
         distance = float(applicability.nearest_distances(pooled[None, :], other_pooled)[0])
         return GoodMeasure(scored.score, region_level(scored.anomaly_map, area), distance,
                            applicability.image_stats(img.rgb), scored.scores, scored.candidates,
                            scored.candidate_scores)
 
-    def _learn_borders(self, measures: list[GoodMeasure]) -> list[float] | None:
-        """The border profile of these good images (borders.py), and their image scores taken again with it, as
-        a query will take them; None (scores unchanged) when the configuration does not divide by it.
+    def _with_borders(self, measure, view: BankView) -> tuple[list[GoodMeasure], list[float] | None]:
+        """`measure(profile)` -> good measures, their image scores taken as a query takes them, and the border
+        profile learned from them (borders.py; None when the configuration does not divide by it).
 
-        On a two-stage bank the measures were refined before the profile was known, by the undivided rule: a patch
-        a query's divided rule would refine can keep its stage-1 distance (an upper bound) here, so a calibration
-        score can differ from the query's for the same image, mostly above it: on every 4th Magnetic Tile train
-        image with `two_stage="on"` the calibration's scores ran a median 1.5% (at most 4.7%) above the same images
-        queried (a one-off check, 2026-12-03), so the threshold errs high (fewer false alarms than promised, lower
-        sensitivity). Flat banks agree exactly (tests/test_borders.py)."""
+        On a flat bank the scores are taken again from each measure's candidates. On a two-stage bank the first
+        pass refined its patches by the undivided rule, so a patch that the divided rule refines could keep its
+        stage-1 distance (an upper bound): on every 4th Magnetic Tile train image with `two_stage="on"` the
+        calibration's scores ran a median 1.5% (at most 4.7%) above the same images queried. There every image is
+        measured again with the profile (twice the calibration's time) so the threshold means what it says."""
+        measures = measure(None)
         search = self.index.config.search
         if search.border_discount == 0 or not measures:
-            return None
+            return measures, None
         profile = border_profile([m.grid for m in measures])
+        if getattr(self.index.banks.scorer(view), "two_stage", False):
+            return measure(profile), profile
         for m in measures:
             m.score = candidates_score(m.candidates, m.candidate_scores, search.image_top_k,
                                        border_divisors(m.grid.shape, profile, search.border_discount))
-        return profile
+        return measures, profile
 
     def _held_measures(self, files: list[str], view: BankView, area: int, progress: Progress | None,
-                       new_rows: dict | None = None) -> list[GoodMeasure]:
-        """Calibration images scored against the whole bank (one measure per distinct image)."""
+                       new_rows: dict | None = None, profile: list[float] | None = None) -> list[GoodMeasure]:
+        """Calibration images scored against the whole bank (one measure per distinct image; `profile`: see
+        `_measure`)."""
         _ids, pooled = view.images.all_vectors()
         bank = self.index.banks.scorer(view)
         measures, seen = [], set()
@@ -169,7 +175,7 @@ class Calibrator:
             if img.sha256 in seen:
                 continue  # the same image under another name: one score, not two
             seen.add(img.sha256)
-            measures.append(self._measure(img, bank, pooled, area))
+            measures.append(self._measure(img, bank, pooled, area, profile))
             if new_rows is not None:
                 new_rows[img.sha256] = dict(path=os.path.abspath(path), sha256=img.sha256, width=img.width,
                                             height=img.height, added_at=time.time())
@@ -178,9 +184,10 @@ class Calibrator:
         return measures
 
     def _fold_measures(self, view: BankView, folds: int, area: int, progress: Progress | None,
-                       conn=None, order: str = "capture") -> list[GoodMeasure]:
+                       conn=None, order: str = "capture", profile: list[float] | None = None) -> list[GoodMeasure]:
         """Every bank image scored against the bank without its fold (re-embedded from its file, all patches);
-        folds in `order` (see fold_of). `conn`: a writer's transaction, whose rows `view` holds."""
+        folds in `order` (see fold_of). `conn`: a writer's transaction, whose rows `view` holds. `profile`: see
+        `_measure`."""
         catalog = self.index.catalog
         refs = catalog.images("reference", conn)
         if len(refs) < 2:
@@ -207,7 +214,7 @@ class Calibrator:
                 img = load_image(row["path"])
                 if img.sha256 != row["sha256"]:
                     raise ImageError(f"{row['path']}: changed since it was added to the bank; cannot score it")
-                measures.append(self._measure(img, bank, others, area))
+                measures.append(self._measure(img, bank, others, area, profile))
                 measures[-1].fold = f
         if progress:
             progress("scoring folds", len(refs), len(refs))
@@ -267,12 +274,13 @@ class Calibrator:
             raise IndexNotReady("the index has no reference images yet (run `simsearch index add`)")
         new_rows: dict = {}
         if folds is not None:
-            measures = self._fold_measures(view, folds, area, progress, order=fold_order)
+            measures, profile = self._with_borders(
+                lambda p: self._fold_measures(view, folds, area, progress, order=fold_order, profile=p), view)
             source = {"kind": FOLDS, "folds": folds, "order": fold_order}
         else:
-            measures = self._held_measures(good_files, view, area, progress, new_rows)
+            measures, profile = self._with_borders(
+                lambda p: self._held_measures(good_files, view, area, progress, new_rows, p), view)
             source = {"kind": HOLDOUT}
-        profile = self._learn_borders(measures)
         defect_scores = [self.index.inspector.score(load_image(p), view, border_profile=profile).score
                          for p in defect_files]
         values = self._values(measures, defect_scores, target_fpr, area, view.generation, source, profile)
@@ -359,12 +367,12 @@ class Calibrator:
         area, target = int(latest["min_region_area"]), float(latest["target_fpr"])
         if source["kind"] == FOLDS:
             # Calibrations from before fold orders existed used interleaved folds.
-            measures = self._fold_measures(view, int(source["folds"]), area, None, conn,
-                                           source.get("order", "interleaved"))
+            measures, profile = self._with_borders(lambda p: self._fold_measures(
+                view, int(source["folds"]), area, None, conn, source.get("order", "interleaved"), p), view)
         else:
             held = self.index.catalog.images("calibration", conn)
             if not held:
                 raise IndexNotReady("the index holds no calibration images")
-            measures = self._held_measures([r["path"] for r in held], view, area, None)
-        profile = self._learn_borders(measures)
+            measures, profile = self._with_borders(
+                lambda p: self._held_measures([r["path"] for r in held], view, area, None, profile=p), view)
         return self._values(measures, [], target, area, view.generation, source, profile)

@@ -111,3 +111,19 @@ def test_calibration_learns_the_profile_and_queries_score_as_it_measured(tmp_pat
         np.testing.assert_array_equal(a.anomaly_map, b.anomaly_map)
     engine.close()
     plain.close()
+
+
+@needs_piped
+def test_a_two_stage_calibration_measures_again_with_its_profile(tmp_path):
+    # Its first pass refined patches by the undivided rule; measured again with the profile, the calibration images
+    # query back to the calibration's scores on a two-stage bank too.
+    engine = Engine.create(tmp_path / "index", two_stage="on")
+    engine.add([str(p) for p in piped_train()], holdout=0.25)
+    engine.calibrate(target_fpr=0.01)
+    latest = engine.latest_calibration()
+    assert latest["details"]["border_profile"][0] > 1.0
+    held = [r["path"] for r in engine.catalog.images("calibration")]
+    np.testing.assert_allclose(sorted(engine.query(p).score for p in held), sorted(latest["details"]["good_scores"]),
+                               rtol=1e-5)
+    engine.close()
+
