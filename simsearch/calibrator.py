@@ -26,14 +26,15 @@ from typing import Iterable
 import numpy as np
 
 from . import applicability
+from .borders import border_divisors, border_profile
 from .calibration import f1_best_threshold, threshold_for_fpr
 from .errors import BadInput, ImageError, IndexNotReady, SimsearchError
 from .images import Image, expand_paths, load_image
 from .ingest import pooled_vector
 from .records import Calibration, Progress
-from .borders import border_divisors, border_profile
 from .scoring import candidates_score, region_level, score_grid
 from .store.banks import BankView
+from .store.vectors import uses_two_stage
 
 HOLDOUT, FOLDS = "calibration images", "folds"
 
@@ -154,7 +155,9 @@ class Calibrator:
         if search.border_discount == 0 or not measures:
             return measures, None
         profile = border_profile([m.grid for m in measures])
-        if getattr(self.index.banks.scorer(view), "two_stage", False):
+        # searched in two stages by the rule the scorer follows (without building the scorer to ask it)
+        two_stage = getattr(view.patches, "two_stage", False)
+        if two_stage or uses_two_stage(self.index.config.two_stage, view.patches.ntotal):
             return measure(profile), profile
         for m in measures:
             m.score = candidates_score(m.candidates, m.candidate_scores, search.image_top_k,
